@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from factory.ops.gated_delta_rule import naive
-from factory.ops.gated_delta_rule.naive import gdn_beta, gdn_gate, l2norm, repeat_heads
+from factory.ops.gated_delta_rule.naive import (
+    gdn_beta, gdn_gate, l2norm, naive_causal_conv1d, naive_chunk_gated_delta_rule,
+    naive_recurrent_gated_delta_rule, repeat_heads)
 
 __all__ = [
     "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "causal_conv1d",
@@ -57,7 +58,7 @@ def chunk_gated_delta_rule(
 
         return fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state,
                          use_qk_l2norm_in_kernel, cu_seqlens, chunk_size)
-    return naive.naive_chunk_gated_delta_rule(
+    return naive_chunk_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, chunk_size)
 
 
@@ -77,7 +78,7 @@ def recurrent_gated_delta_rule(
 
         return fla_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
                              use_qk_l2norm_in_kernel, cu_seqlens)
-    return naive.naive_recurrent_gated_delta_rule(
+    return naive_recurrent_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
 
 
@@ -91,4 +92,4 @@ def causal_conv1d(
         from factory.ops.gated_delta_rule.fla_backend import fla_conv
 
         return fla_conv(x, weight, initial_state, output_final_state, activation, cu_seqlens)
-    return naive.naive_causal_conv1d(x, weight, initial_state, output_final_state, activation, cu_seqlens)
+    return naive_causal_conv1d(x, weight, initial_state, output_final_state, activation, cu_seqlens)

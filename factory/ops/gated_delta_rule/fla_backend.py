@@ -3,7 +3,7 @@
 fla 0.6.0 refuses its gated backward on Hopper with Triton 3.4 to 3.7.0 (fla issue #640: a
 codegen bug at one block size). Measured on an H100 with Triton 3.6 and the guard lifted, all
 gradients matched the fp32 reference at bf16 level. We therefore lift the guard only after a
-runtime self-check of forward and every gradient against ``naive.py`` passes on this device;
+runtime self-check of forward and every gradient against the reference passes on this device;
 if it fails we put the guard back and raise, never training on silently wrong gradients.
 """
 
@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from factory.ops.gated_delta_rule import naive
+from factory.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,15 @@ def relative_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(diff / expected.float().pow(2).mean().sqrt().clamp_min(1e-12))
 
 
-def _guard_module():
-    import fla.ops.common.chunk_o as chunk_o
-
-    return chunk_o
+def _fla():
+    """fla's modules, imported on first use (the CPU path never gets here)."""
+    try:
+        import fla.modules.causal_conv1d as conv
+        import fla.ops.common.chunk_o as chunk_o
+        import fla.ops.gated_delta_rule as gdr
+    except ImportError as err:
+        raise ImportError("CUDA tensors need flash-linear-attention: pip install flash-linear-attention") from err
+    return gdr, conv, chunk_o
 
 
 def _self_check_inputs(device, head_dim: int, generator: torch.Generator):
@@ -52,8 +57,7 @@ def _gradients(fn, inputs, generator):
 
 def self_check(device: torch.device) -> dict[str, float]:
     """Compare fla's chunk kernel to the reference (outputs, final state, 6 gradients)."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
+    chunk_gated_delta_rule = _fla()[0].chunk_gated_delta_rule
     errors = {}
     for head_dim in (64, 128):
         gen = torch.Generator(device=device).manual_seed(head_dim)
@@ -64,7 +68,7 @@ def self_check(device: torch.device) -> dict[str, float]:
                                           use_qk_l2norm_in_kernel=True)
 
         def reference(q, k, v, g, beta, h0):
-            return naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+            return naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
                                                       output_final_state=True, use_qk_l2norm_in_kernel=True)
 
         got = _gradients(fused, inputs, torch.Generator(device=device).manual_seed(1))
@@ -78,7 +82,7 @@ def self_check(device: torch.device) -> dict[str, float]:
 @functools.cache
 def ensure_safe_backward(device_index: int) -> None:
     """Lift fla's Hopper guard if, and only if, the kernels pass the self-check here."""
-    chunk_o = _guard_module()
+    chunk_o = _fla()[2]
     guarded = chunk_o.IS_NVIDIA_HOPPER and chunk_o.TRITON_ABOVE_3_4_0 and not chunk_o.TRITON_ABOVE_3_7_1
     if not guarded:
         return
@@ -95,25 +99,19 @@ def ensure_safe_backward(device_index: int) -> None:
 
 
 def fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, chunk_size):
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta)):
         ensure_safe_backward(q.device.index or 0)
-    return chunk_gated_delta_rule(
+    return _fla()[0].chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
 
 
 def fla_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens):
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
-
-    return fused_recurrent_gated_delta_rule(
+    return _fla()[0].fused_recurrent_gated_delta_rule(
         q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens)
 
 
 def fla_conv(x, weight, initial_state, output_final_state, activation, cu_seqlens):
-    from fla.modules.causal_conv1d import causal_conv1d
-
-    return causal_conv1d(x, weight=weight, initial_state=initial_state, output_final_state=output_final_state,
+    return _fla()[1].causal_conv1d(x, weight=weight, initial_state=initial_state, output_final_state=output_final_state,
                          activation=activation, cu_seqlens=cu_seqlens)

@@ -1,0 +1,153 @@
+"""Gated DeltaNet token mixer with flash-linear-attention's parameter names.
+
+Single-device model code: no training logic, no process groups. Kernels come from
+``factory.ops.gated_delta_rule`` (pure torch on CPU, fla on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from factory.ops.gated_delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+
+@dataclass(frozen=True)
+class GDNShape:
+    hidden_size: int
+    num_query_heads: int
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_size: int = 4
+    allow_neg_eigval: bool = False
+    norm_eps: float = 1e-6
+    qk_channel_scale: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "GDNShape":
+        return cls(
+            hidden_size=config.hidden_size, num_query_heads=config.linear_num_query_heads,
+            num_key_heads=config.linear_num_key_heads, num_value_heads=config.linear_num_value_heads,
+            key_head_dim=config.linear_key_head_dim, value_head_dim=config.linear_value_head_dim,
+            conv_size=config.linear_conv_kernel_dim, allow_neg_eigval=config.linear_allow_neg_eigval,
+            norm_eps=config.rms_norm_eps, qk_channel_scale=config.linear_qk_channel_scale,
+        )
+
+
+class ShortConvolution(nn.Conv1d):
+    """Depthwise causal conv whose weight ``[D, 1, W]`` matches fla's ShortConvolution."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False, padding=kernel_size - 1)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        y, _ = causal_conv1d(x, self.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens)
+        return y
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm of the kernel output, gated by silu(g) (fla's FusedRMSNormGated)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, shape: GDNShape, layer_idx: int | None = None):
+        super().__init__()
+        self.shape, self.layer_idx = shape, layer_idx
+        s = shape
+        H, dk, dv = s.num_query_heads, s.key_head_dim, s.value_head_dim
+        self.q_proj = nn.Linear(s.hidden_size, H * dk, bias=False)
+        self.k_proj = nn.Linear(s.hidden_size, s.num_key_heads * dk, bias=False)
+        self.v_proj = nn.Linear(s.hidden_size, s.num_value_heads * dv, bias=False)
+        self.a_proj = nn.Linear(s.hidden_size, H, bias=False)
+        self.b_proj = nn.Linear(s.hidden_size, H, bias=False)
+        self.g_proj = nn.Linear(s.hidden_size, H * dv, bias=False)
+        self.o_proj = nn.Linear(H * dv, s.hidden_size, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
+        self.q_conv1d = ShortConvolution(H * dk, s.conv_size)
+        self.k_conv1d = ShortConvolution(s.num_key_heads * dk, s.conv_size)
+        self.v_conv1d = ShortConvolution(s.num_value_heads * dv, s.conv_size)
+        self.o_norm = GatedRMSNorm(dv, s.norm_eps)
+        if s.qk_channel_scale:
+            # Qwen3's q_norm/k_norm weights kept as a per-channel scale (an initialization variant).
+            self.q_scale = nn.Parameter(torch.ones(dk))
+            self.k_scale = nn.Parameter(torch.ones(dk))
+        self.reset_gate_parameters()
+
+    @torch.no_grad()
+    def reset_gate_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Mamba-2 style: A ~ U(0, 16), dt log-uniform in [1e-3, 1e-1], dt_bias = softplus^-1(dt)."""
+        H = self.shape.num_query_heads
+        A = torch.rand(H, generator=generator) * 16
+        self.A_log.copy_(torch.log(A.clamp_min(1e-4)))
+        dt = torch.exp(torch.rand(H, generator=generator) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    @property
+    def conv_channels(self) -> list[int]:
+        return [c.in_channels for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
+
+    def _convolve(self, x: torch.Tensor, cu_seqlens, cache, seq_len: int) -> list[torch.Tensor]:
+        """q, k, v through their short convs; with a cache, the last W inputs are its conv state."""
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        if cache is None:
+            return [conv(t, cu_seqlens) for conv, t in zip(convs, x)]
+        mixed = torch.cat(x, dim=-1).transpose(1, 2)
+        # Returns the cached history followed by these inputs; only the last W are kept.
+        window = cache.update_conv_state(mixed, self.layer_idx, conv_kernel_size=self.shape.conv_size)
+        parts = window.transpose(1, 2).split(self.conv_channels, dim=-1)
+        return [conv(t)[:, -seq_len:] for conv, t in zip(convs, parts)]
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, past_key_values=None,
+    ) -> torch.Tensor:
+        """hidden_states ``[B, T, hidden]``; ``attention_mask`` a 2-D padding mask (left padding);
+        ``cu_seqlens`` document boundaries of packed rows (B = 1); ``past_key_values`` a hybrid cache."""
+        if cu_seqlens is not None and past_key_values is not None:
+            raise ValueError("packed rows (cu_seqlens) cannot be combined with a decoding cache")
+        if attention_mask is not None:
+            # Zeroed padding writes nothing into conv or recurrent state.
+            hidden_states = hidden_states * attention_mask[:, -hidden_states.shape[1]:, None].to(hidden_states.dtype)
+        B, T, _ = hidden_states.shape
+        s = self.shape
+        cached = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        projected = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
+        q, k, v = self._convolve(projected, cu_seqlens, past_key_values, T)
+        q = q.view(B, T, -1, s.key_head_dim)
+        k = k.view(B, T, -1, s.key_head_dim)
+        v = v.view(B, T, -1, s.value_head_dim)
+        if s.qk_channel_scale:
+            q, k = q * self.q_scale, k * self.k_scale
+        state = past_key_values.layers[self.layer_idx].recurrent_states[0] if cached else None
+        kernel = recurrent_gated_delta_rule if cached and T == 1 else chunk_gated_delta_rule
+        kernel_kwargs = {} if kernel is recurrent_gated_delta_rule else {"chunk_size": 64}
+        o, final_state = kernel(
+            q, k, v, self.a_proj(hidden_states), self.b_proj(hidden_states),
+            initial_state=state, output_final_state=past_key_values is not None,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+            use_beta_sigmoid_in_kernel=True, allow_neg_eigval=s.allow_neg_eigval, cu_seqlens=cu_seqlens,
+            **kernel_kwargs,
+        )
+        if past_key_values is not None:
+            past_key_values.update_recurrent_state(final_state, self.layer_idx)
+        gate = self.g_proj(hidden_states).view(B, T, -1, s.value_head_dim)
+        o = self.o_norm(o, gate).reshape(B, T, -1)
+        return self.o_proj(o)

@@ -1,0 +1,29 @@
+"""Tiny models shared by the tests."""
+
+import torch
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+def hybrid_config(layer_types=None, **overrides):
+    from factory.models.hqwen3 import HQwen3Config
+
+    kwargs = {**TINY, **overrides}
+    n = kwargs["num_hidden_layers"]
+    layer_types = layer_types or ["full_attention" if i % 2 == 0 else "linear_attention" for i in range(n)]
+    return HQwen3Config(**kwargs, layer_types=layer_types)
+
+
+def tiny_hybrid(seed=0, **overrides):
+    from factory.models.hqwen3 import HQwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = HQwen3ForCausalLM(hybrid_config(**overrides)).eval()
+    # Random gates instead of the near-identity defaults, so GDN layers really mix tokens.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.is_linear:
+                layer.linear_attn.A_log.normal_(0, 0.5)
+                layer.linear_attn.o_norm.weight.normal_(1, 0.2)
+    return model
