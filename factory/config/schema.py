@@ -1,0 +1,136 @@
+"""Typed configuration: one dataclass per component, composed into ``PrimeConfig``.
+
+Hydra composes YAML onto these schemas (a typo or a wrong type fails at composition); the
+library only ever sees the dataclasses, built once by ``factory.config.to_typed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+STAGES = ("select", "init", "align", "distill", "longctx", "sft", "export", "eval")
+TRAIN_STAGES = ("align", "distill", "longctx", "sft")
+ASSETS = "${factory_root:}/assets"
+
+
+@dataclass
+class ModelConfig:
+    """The teacher: a Qwen3 checkpoint directory or hub id."""
+
+    name: str = "tiny-qwen3"
+    path: str = f"{ASSETS}/teacher"
+    family: str = "qwen3"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/train.jsonl"])
+    heldout_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/heldout.jsonl"])
+    text_field: str = "text"
+    seq_len: int = 512
+    cache_dir: Optional[str] = None  # default: <pipeline dir>/../.cache
+    num_proc: int = 1
+
+
+@dataclass
+class SelectConfig:
+    method: str = "alternate"  # manual | alternate
+    ratio: float = 0.5  # share of attention layers that become GDN
+    layers: Optional[list[int]] = None  # for method=manual
+
+
+@dataclass
+class InitConfig:
+    gate_init: str = "published"  # published: 0.5 (W_O^T + repeat(W_V)) | random
+    qk_norm: str = "drop"  # drop | scale (keep Qwen3's q/k-norm weights as a per-channel scale)
+    conv_init: str = "default"  # default | identity
+    allow_neg_eigval: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainStageConfig:
+    """Shared by the training stages; they differ in loss, trainable set and data."""
+
+    steps: int = 100
+    batch_size: int = 8  # rows per optimizer step (per data-parallel rank)
+    grad_accum: int = 1
+    seq_len: Optional[int] = None  # default: data.seq_len
+    trainable: str = "gdn"  # gdn | gdn+norms | all
+    loss: str = "kl"  # align: layerwise | pre_lm_head; distill: kl
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    loss_tile_tokens: int = 1024  # sequence tile of the logit loss
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log_every: int = 10
+    plot: bool = True
+
+
+@dataclass
+class EvalConfig:
+    heldout_rows: int = 64
+    retrieval_distances: list[int] = field(default_factory=lambda: [32, 128, 256, 480, 1024])
+    retrieval_samples: int = 32
+    batch_size: int = 8
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb
+    project: str = "hybrid-model-factory"
+    mode: str = "offline"  # offline | online
+    run_name: Optional[str] = None
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    zero_stage: int = 3
+
+
+@dataclass
+class LauncherConfig:
+    kind: str = "local"  # local | torchrun | slurm
+    nnodes: int = 1
+    nproc_per_node: int = 1
+
+
+@dataclass
+class PrimeConfig:
+    recipe: str = "default"
+    stages: list[str] = field(default_factory=lambda: ["select", "init", "align", "distill", "export", "eval"])
+    output_dir: str = "runs/${model.name}-${recipe}"
+    on_existing: str = "resume"  # resume (skip complete stages; refuse a different config) | overwrite
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    threads: Optional[int] = None  # CPU threads (torch.set_num_threads)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    align: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(loss="layerwise"))
+    distill: TrainStageConfig = field(default_factory=TrainStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
