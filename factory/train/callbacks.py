@@ -1,0 +1,95 @@
+"""Loop callbacks: progress bar, metrics JSONL, wandb, loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from factory.train.loop import StepState
+
+
+class ProgressBar:
+    def __init__(self, stage: str, total_steps: int, start_step: int = 0):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, file=sys.stderr,
+                        dynamic_ncols=True, mininterval=1.0, disable=None)
+        self.start_tokens, self.start_elapsed = None, None
+
+    def on_step(self, state: StepState) -> None:
+        if self.start_tokens is None:
+            self.start_tokens, self.start_elapsed = state.tokens, state.elapsed
+        rate = (state.tokens - self.start_tokens) / max(1e-9, state.elapsed - self.start_elapsed)
+        self.bar.set_postfix(loss=f"{state.loss:.4f}", tok_s=f"{rate:,.0f}", lr=f"{state.lr:.2e}", refresh=False)
+        self.bar.update(1)
+
+    def on_end(self, state: StepState) -> None:
+        self.bar.close()
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), max(1, every)
+
+    def record(self, state: StepState) -> dict:
+        return {"step": state.step, "tokens": state.tokens, "loss": state.loss, "lr": state.lr,
+                "grad_norm": state.grad_norm, "elapsed_s": round(state.elapsed, 3), **state.metrics}
+
+    def on_step(self, state: StepState) -> None:
+        if state.step % self.every == 0 or state.step == state.total_steps:
+            with self.path.open("a") as f:
+                f.write(json.dumps(self.record(state)) + "\n")
+
+    def on_end(self, state: StepState) -> None:
+        pass
+
+
+class WandbLogger:
+    def __init__(self, project: str, mode: str, run_name: str, config: dict, every: int):
+        import wandb
+
+        self.wandb, self.every = wandb, max(1, every)
+        self.run = wandb.init(project=project, mode=mode, name=run_name, config=config, reinit="finish_previous")
+
+    def on_step(self, state: StepState) -> None:
+        if state.step % self.every == 0 or state.step == state.total_steps:
+            self.run.log({"loss": state.loss, "lr": state.lr, "grad_norm": state.grad_norm,
+                          "tokens": state.tokens, **state.metrics}, step=state.step)
+
+    def on_end(self, state: StepState) -> None:
+        self.run.finish()
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+class LossPlot:
+    def __init__(self, metrics_path: Path, out_path: Path, title: str):
+        self.metrics_path, self.out_path, self.title = metrics_path, out_path, title
+
+    def on_step(self, state: StepState) -> None:
+        pass
+
+    def on_end(self, state: StepState) -> None:
+        plot_loss_curve(self.metrics_path, self.out_path, self.title)

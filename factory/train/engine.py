@@ -1,0 +1,69 @@
+"""The optimizer seam. The loop calls ``backward``, ``step`` and ``autocast`` and never touches the
+optimizer itself, so a DeepSpeed engine can stand in for ``LocalEngine`` without loop changes."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from factory.config.schema import OptimConfig
+
+
+def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then cosine down to ``min_lr_ratio`` or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(named_params, weight_decay: float) -> list[dict]:
+    """No decay on biases, norms, and GDN's A_log / dt_bias."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LocalEngine:
+    """Single-process AdamW with warmup/cosine, gradient clipping and bf16 autocast on CUDA."""
+
+    def __init__(self, model, named_params, cfg: OptimConfig, total_steps: int, precision: str):
+        self.model, self.cfg = model, cfg
+        self.params = [p for _, p in named_params]
+        self.optimizer = torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), fused=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+        self.precision = precision
+
+    def autocast(self):
+        device = next(self.model.parameters()).device
+        if self.precision == "bf16" and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

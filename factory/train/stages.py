@@ -1,0 +1,129 @@
+"""Training stages. align and distill differ only in loss, trainable set and model setup;
+``run_training`` is the one runner they share."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from factory.config.schema import TrainStageConfig
+from factory.data.loader import RowLoader
+from factory.data.packing import packed_rows
+from factory.distill.losses import alignment_mse, tiled_kl_loss
+from factory.priming.init import drop_teacher_attention
+from factory.stage_context import StageContext
+from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger
+from factory.train.engine import LocalEngine
+from factory.train.loop import train_loop
+
+TRAINABLE_SETS = ("gdn", "gdn+norms", "all")
+
+
+def _kept_teacher_attention(name: str, converted: set[int]) -> bool:
+    parts = name.split(".")
+    return len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in converted and parts[3] == "self_attn"
+
+
+def select_trainable(model, trainable: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze the named set. Kept teacher attention never trains."""
+    if trainable not in TRAINABLE_SETS:
+        raise ValueError(f"trainable '{trainable}' is not one of {TRAINABLE_SETS}")
+    converted = set(model.config.linear_layers)
+    model.requires_grad_(False)
+    chosen = []
+    for name, p in model.named_parameters():
+        if _kept_teacher_attention(name, converted):
+            continue
+        gdn = ".linear_attn." in name
+        if trainable == "all" or gdn or (trainable == "gdn+norms" and "norm" in name):
+            p.requires_grad_(True)
+            chosen.append((name, p))
+    return chosen
+
+
+def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig):
+    metrics = ctx.stage_dir / "metrics.jsonl"
+    callbacks = [ProgressBar(ctx.name, stage_cfg.steps), MetricsLogger(metrics, stage_cfg.log_every)]
+    if stage_cfg.plot:
+        callbacks.append(LossPlot(metrics, ctx.stage_dir / "loss.png", f"{ctx.cfg.recipe}: {ctx.name}"))
+    if ctx.cfg.logger.kind == "wandb":
+        lg = ctx.cfg.logger
+        callbacks.append(WandbLogger(lg.project, lg.mode, lg.run_name or f"{ctx.cfg.recipe}-{ctx.name}",
+                                     dataclasses.asdict(ctx.cfg), stage_cfg.log_every))
+    return callbacks
+
+
+def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn) -> dict:
+    seq_len = stage_cfg.seq_len or ctx.cfg.data.seq_len
+    rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field,
+                       ctx.cache_dir, ctx.cfg.data.num_proc)
+    loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed)
+    engine = LocalEngine(model, named_params, stage_cfg.optim, stage_cfg.steps, ctx.precision)
+    model.train()
+    state = train_loop(engine, loader, loss_fn, stage_cfg.steps, stage_cfg.grad_accum,
+                       _callbacks(ctx, stage_cfg), ctx.device)
+    model.eval()
+    return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
+            "seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}
+
+
+def _save(ctx: StageContext, model) -> None:
+    model.save_pretrained(ctx.out_model_dir)
+    ctx.tokenizer.save_pretrained(ctx.out_model_dir)
+
+
+def run_align(ctx: StageContext) -> dict:
+    """Stage 1: GDN learns the attention it replaces, with the teacher path inside the same network."""
+    cfg = ctx.cfg.align
+    model = ctx.load_hybrid()
+    if not model.config.keep_teacher_attention:
+        raise RuntimeError("align needs the init stage's model, which keeps the teacher attention")
+    params = select_trainable(model, "gdn")
+
+    def layerwise(batch):
+        model.model.set_mixer_mode("align")
+        model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        pairs = [layer.alignment_pair for layer in model.model.layers if layer.is_linear]
+        return alignment_mse(pairs), {}
+
+    def pre_lm_head(batch):
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        with torch.no_grad():
+            model.model.set_mixer_mode("teacher")
+            target = model.model(**inputs).last_hidden_state
+        model.model.set_mixer_mode("student")
+        return F.mse_loss(model.model(**inputs).last_hidden_state.float(), target.float()), {}
+
+    loss_fn = {"layerwise": layerwise, "pre_lm_head": pre_lm_head}[cfg.loss]
+    result = run_training(ctx, cfg, model, params, loss_fn)
+    model.model.set_mixer_mode("student")
+    _save(ctx, drop_teacher_attention(model))
+    return result
+
+
+def load_student(ctx: StageContext):
+    model = ctx.load_hybrid()
+    return drop_teacher_attention(model).to(ctx.device) if model.config.keep_teacher_attention else model
+
+
+def run_distill(ctx: StageContext) -> dict:
+    """Stage 2: end-to-end forward KL to the frozen teacher, sequence-tiled."""
+    cfg = ctx.cfg.distill
+    student = load_student(ctx)
+    teacher = ctx.load_teacher()
+    params = select_trainable(student, cfg.trainable)
+
+    def kl(batch):
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        with torch.no_grad():
+            target = teacher.model(**inputs).last_hidden_state
+        hidden = student.model(**inputs).last_hidden_state
+        loss = tiled_kl_loss(hidden, target, student.lm_head.weight, teacher.lm_head.weight, batch["labels"],
+                             cfg.temperature, cfg.ce_weight, cfg.loss_tile_tokens)
+        return loss, {}
+
+    result = run_training(ctx, cfg, student, params, kl)
+    _save(ctx, student)
+    return result
