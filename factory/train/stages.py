@@ -66,7 +66,7 @@ def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
                        _callbacks(ctx, stage_cfg), ctx.device)
     model.eval()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
-            "seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}
+            "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}
 
 
 def _save(ctx: StageContext, model) -> None:

@@ -1,0 +1,65 @@
+"""The ``eval`` stage and the end-of-pipeline summary (teacher vs primed hybrid)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from factory.data.packing import packed_rows
+from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
+from factory.eval.retrieval import retrieval_accuracy
+from factory.stage_context import StageContext
+
+
+def _retrieval(model, ctx: StageContext) -> dict:
+    e = ctx.cfg.eval
+    return retrieval_accuracy(model, ctx.tokenizer, e.retrieval_distances, e.retrieval_samples,
+                              seed=ctx.cfg.seed, device=str(ctx.device))
+
+
+def run_eval(ctx: StageContext) -> dict:
+    from factory.train.stages import load_student
+
+    teacher = ctx.load_teacher()
+    student = load_student(ctx).eval()
+    e = ctx.cfg.eval
+    rows = packed_rows(ctx.cfg.data.heldout_files, ctx.tokenizer, ctx.cfg.data.seq_len, ctx.cfg.data.text_field,
+                       ctx.cache_dir)
+    result = {
+        "heldout": heldout_metrics(teacher, student, rows, e.heldout_rows, e.batch_size, ctx.device),
+        "retrieval": {"teacher": _retrieval(teacher, ctx), "student": _retrieval(student, ctx)},
+        "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
+        "kv_cache_bytes_per_token": {"teacher": kv_cache_bytes_per_token(teacher.config),
+                                     "student": kv_cache_bytes_per_token(student.config)},
+        "recurrent_state_bytes_per_sequence": recurrent_state_bytes(student.config),
+        "gdn_layers": student.config.linear_layers,
+        "train_seq_len": ctx.cfg.data.seq_len,
+    }
+    (ctx.stage_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return {"tokens": 0, "student_loss": result["heldout"]["student_loss"]}
+
+
+def summary_table(result: dict, recipe: str) -> str:
+    h = result["heldout"]
+    rows = [("held-out loss", f"{h['teacher_loss']:.4f}", f"{h['student_loss']:.4f}"),
+            ("KL(teacher || hybrid) / token", "0", f"{h['kl']:.4f}")]
+    for task, by_distance in result["retrieval"]["teacher"].items():
+        for distance, acc in by_distance.items():
+            hybrid = result["retrieval"]["student"][task][distance]
+            rows.append((f"{task} retrieval @ {distance} tokens", f"{acc:.2f}", f"{hybrid:.2f}"))
+    kv = result["kv_cache_bytes_per_token"]
+    rows.append(("KV-cache bytes / token (bf16)", f"{kv['teacher']:,}", f"{kv['student']:,}"))
+    rows.append(("parameters", f"{result['parameters']['teacher']:,}", f"{result['parameters']['student']:,}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"# Primed hybrid vs teacher ({recipe}; GDN layers {result['gdn_layers']})", "",
+             f"| {'metric'.ljust(width)} | teacher | hybrid |", f"|{'-' * (width + 2)}|---|---|"]
+    lines += [f"| {name.ljust(width)} | {t} | {s} |" for name, t, s in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(eval_dir: Path, pipeline_root: Path, recipe: str) -> str:
+    result = json.loads((Path(eval_dir) / "eval.json").read_text())
+    table = summary_table(result, recipe)
+    (pipeline_root / "summary.md").write_text(table)
+    (pipeline_root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return table
