@@ -4,11 +4,13 @@ stages whose artifact is complete and was made by this config."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from factory.checkpoint.state import checkpoint_root
 from factory.config.schema import PrimeConfig
 from factory.rundir import PipelineDir, config_hash, is_complete, mark_complete, pipeline_identity
 from factory.stage_context import StageContext
@@ -62,7 +64,7 @@ def run_pipeline(cfg: PrimeConfig, resolved_yaml: str) -> Path:
         if is_complete(stage_dir, stage_hash):
             print(f"[{name}] complete in {stage_dir}, skipped")
         else:
-            _run_stage(functions[name], StageContext(cfg, name, stage_dir, parent, device, precision), stage_hash)
+            _run_stage(functions[name], StageContext(cfg, name, stage_dir, parent, device, precision, stage_hash))
         parent = stage_dir
     if "eval" in cfg.stages:
         from factory.eval.stage import write_summary
@@ -73,14 +75,14 @@ def run_pipeline(cfg: PrimeConfig, resolved_yaml: str) -> Path:
     return pipeline.root
 
 
-def _run_stage(fn, ctx: StageContext, stage_hash: str) -> None:
-    if ctx.stage_dir.exists():
-        # An incomplete stage starts over; its checkpoints (if any) are the stage's own business.
-        for stale in ("stage.json", "metrics.jsonl"):
-            (ctx.stage_dir / stale).unlink(missing_ok=True)
+def _run_stage(fn, ctx: StageContext) -> None:
+    # An incomplete stage runs again; a training stage resumes from its own checkpoints.
+    (ctx.stage_dir / "stage.json").unlink(missing_ok=True)
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"[{ctx.name}] starting in {ctx.stage_dir}")
     extra = fn(ctx) or {}
-    mark_complete(ctx.stage_dir, ctx.name, ctx.parent_dir, stage_hash,
+    mark_complete(ctx.stage_dir, ctx.name, ctx.parent_dir, ctx.stage_hash,
                   seconds=round(time.perf_counter() - started, 2), **extra)
+    if not ctx.cfg.checkpoint.keep_after_stage:
+        shutil.rmtree(checkpoint_root(ctx.stage_dir), ignore_errors=True)

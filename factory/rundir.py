@@ -47,7 +47,7 @@ def config_hash(config: Any) -> str:
 def pipeline_identity(cfg) -> dict:
     """What must match for a rerun to reuse a pipeline directory: everything but run-control fields."""
     data = dataclasses.asdict(cfg)
-    for key in ("on_existing", "threads", "logger"):
+    for key in ("on_existing", "threads", "logger", "checkpoint"):
         data.pop(key, None)
     return data
 

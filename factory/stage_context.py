@@ -20,6 +20,7 @@ class StageContext:
     parent_dir: Path | None
     device: torch.device
     precision: str  # fp32 | bf16
+    stage_hash: str = ""
 
     @property
     def parent_model_dir(self) -> Path:

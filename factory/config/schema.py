@@ -114,6 +114,17 @@ class LauncherConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Mid-stage checkpoints (every N steps, every M minutes, and on SIGTERM/SIGUSR1)."""
+
+    every_steps: int = 0  # 0: off
+    every_minutes: float = 30.0  # 0: off
+    keep_last: int = 2
+    force_resume: bool = False  # resume even if the checkpoint was made by a different config
+    keep_after_stage: bool = False  # stage checkpoints are deleted once the stage's model is written
+
+
+@dataclass
 class PrimeConfig:
     recipe: str = "default"
     stages: list[str] = field(default_factory=lambda: ["select", "init", "align", "distill", "export", "eval"])
@@ -131,6 +142,7 @@ class PrimeConfig:
     distill: TrainStageConfig = field(default_factory=TrainStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -63,6 +63,14 @@ class WandbLogger:
         self.run.finish()
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint's step (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
 def plot_loss_curve(metrics_path: Path, out_path: Path, title: str) -> None:
     import matplotlib
 

@@ -67,3 +67,22 @@ class LocalEngine:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def save(self, path) -> None:
+        torch.save({"model": self.model.state_dict(), **self.state_dict()}, f"{path}/engine.pt")
+
+    def load(self, path) -> None:
+        state = torch.load(f"{path}/engine.pt", weights_only=False)
+        self.model.load_state_dict(state.pop("model"))
+        self.load_state_dict(state)
+
+    @staticmethod
+    def any_rank(flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    is_main = True
+    world_size = 1
+

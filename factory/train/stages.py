@@ -8,17 +8,24 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from factory.checkpoint.callback import CheckpointCallback
+from factory.checkpoint.state import find_resumable, load_trainer_state, restore_rng
 from factory.config.schema import TrainStageConfig
 from factory.data.loader import RowLoader
 from factory.data.packing import packed_rows
 from factory.distill.losses import alignment_mse, tiled_kl_loss
 from factory.priming.init import drop_teacher_attention
 from factory.stage_context import StageContext
-from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger
+from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
 from factory.train.engine import LocalEngine
-from factory.train.loop import train_loop
+from factory.train.loop import StepState, train_loop
 
 TRAINABLE_SETS = ("gdn", "gdn+norms", "all")
+
+
+class ResumeRefused(RuntimeError):
+    """A checkpoint exists but was made by another config."""
+
 
 
 def _kept_teacher_attention(name: str, converted: set[int]) -> bool:
@@ -43,9 +50,9 @@ def select_trainable(model, trainable: str) -> list[tuple[str, torch.nn.Paramete
     return chosen
 
 
-def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig):
+def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig, start_step: int):
     metrics = ctx.stage_dir / "metrics.jsonl"
-    callbacks = [ProgressBar(ctx.name, stage_cfg.steps), MetricsLogger(metrics, stage_cfg.log_every)]
+    callbacks = [ProgressBar(ctx.name, stage_cfg.steps, start_step), MetricsLogger(metrics, stage_cfg.log_every)]
     if stage_cfg.plot:
         callbacks.append(LossPlot(metrics, ctx.stage_dir / "loss.png", f"{ctx.cfg.recipe}: {ctx.name}"))
     if ctx.cfg.logger.kind == "wandb":
@@ -55,15 +62,37 @@ def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig):
     return callbacks
 
 
+def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
+    """Continue from the newest good checkpoint of this stage, if there is one."""
+    state = StepState(total_steps=total_steps)
+    path = find_resumable(ctx.stage_dir)
+    if path is None:
+        truncate_metrics(ctx.stage_dir / "metrics.jsonl", 0)  # an earlier attempt that saved nothing
+        return state
+    trainer = load_trainer_state(path)
+    if trainer.config_hash != ctx.stage_hash and not ctx.cfg.checkpoint.force_resume:
+        raise ResumeRefused(f"checkpoint {path} was made by a different config (hash {trainer.config_hash}, "
+                            f"now {ctx.stage_hash}); use checkpoint.force_resume=true or on_existing=overwrite")
+    engine.load(path)
+    loader.load_state_dict(trainer.loader)
+    restore_rng(path)
+    truncate_metrics(ctx.stage_dir / "metrics.jsonl", trainer.step)
+    print(f"[{ctx.name}] resumed from {path.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
+    state.step, state.tokens, state.elapsed = trainer.step, trainer.tokens, trainer.elapsed
+    return state
+
+
 def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn) -> dict:
     seq_len = stage_cfg.seq_len or ctx.cfg.data.seq_len
     rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field,
                        ctx.cache_dir, ctx.cfg.data.num_proc)
     loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed)
     engine = LocalEngine(model, named_params, stage_cfg.optim, stage_cfg.steps, ctx.precision)
+    state = _resume(ctx, engine, loader, stage_cfg.steps)
+    checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash)
     model.train()
     state = train_loop(engine, loader, loss_fn, stage_cfg.steps, stage_cfg.grad_accum,
-                       _callbacks(ctx, stage_cfg), ctx.device)
+                       [*_callbacks(ctx, stage_cfg, state.step), checkpoints], ctx.device, state)
     model.eval()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
             "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}

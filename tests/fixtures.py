@@ -1,0 +1,58 @@
+"""A throwaway teacher (random tiny Qwen3 + a small BPE tokenizer) and data, built in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus"
+
+
+def _paragraphs() -> list[str]:
+    text = "\n\n".join(p.read_text() for p in sorted(CORPUS.glob("*.txt"))[:2])
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def make_tiny_assets(root: Path, vocab_size: int = 384, num_layers: int = 4) -> dict:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    paragraphs = _paragraphs()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(paragraphs, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    teacher = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048))
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    split = int(len(paragraphs) * 0.9)
+    for name, part in (("train.jsonl", paragraphs[:split]), ("heldout.jsonl", paragraphs[split:])):
+        (root / name).write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
+    return {"teacher": root / "teacher", "train": root / "train.jsonl", "heldout": root / "heldout.jsonl"}
+
+
+def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init", "align"), steps: int = 6,
+                         **overrides):
+    from factory.config.schema import (CheckpointConfig, DataConfig, EvalConfig, ModelConfig, PrimeConfig,
+                                       TrainStageConfig)
+
+    train = dict(steps=steps, batch_size=2, log_every=1, plot=False)
+    cfg = PrimeConfig(
+        recipe="test", stages=list(stages), output_dir=str(output_dir), threads=1,
+        model=ModelConfig(path=str(assets["teacher"])),
+        data=DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=64),
+        align=TrainStageConfig(loss="layerwise", **train), distill=TrainStageConfig(**train),
+        eval=EvalConfig(heldout_rows=4, retrieval_distances=[16], retrieval_samples=2, batch_size=2),
+        checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        setattr(getattr(cfg, section), field, value) if field else setattr(cfg, section, value)
+    return cfg

@@ -1,0 +1,122 @@
+"""Exact resume: N steps straight equal N/2 steps, a kill -9, and a resume; damaged checkpoints
+are skipped; SIGTERM saves before stopping; a changed config is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from factory.checkpoint.callback import Preempted
+from factory.checkpoint.state import checkpoint_root
+from factory.pipeline import run_pipeline
+from factory.train.stages import ResumeRefused
+from tests.fixtures import make_tiny_assets, tiny_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_tiny_assets(tmp_path_factory.mktemp("assets"))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "03-align" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def run_child_killed_after(cfg_kwargs: dict, kill_after_step: int, signum: int = signal.SIGKILL) -> int:
+    """Run the pipeline in a child that kills itself right after saving the checkpoint of a step."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from factory.checkpoint import callback
+        from factory.pipeline import run_pipeline
+        from tests.fixtures import tiny_pipeline_config
+        original = callback.CheckpointCallback.save
+        def save_then_die(self, state):
+            path = original(self, state)
+            if state.step == {kill_after_step}:
+                os.kill(os.getpid(), {int(signum)})
+            return path
+        callback.CheckpointCallback.save = save_then_die
+        run_pipeline(tiny_pipeline_config(**{cfg_kwargs!r}), "")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env).returncode
+
+
+def child_kwargs(assets, out, **extra):
+    return {"assets": {k: str(v) for k, v in assets.items()}, "output_dir": str(out), "steps": 6, **extra}
+
+
+def test_exact_resume_after_kill_9(assets, tmp_path):
+    straight = run_pipeline(tiny_pipeline_config(assets, tmp_path / "straight", steps=6), "")
+    resumed_dir = tmp_path / "resumed"
+    kwargs = child_kwargs(assets, resumed_dir, **{"checkpoint.every_steps": 3, "checkpoint.keep_after_stage": True})
+    assert run_child_killed_after(kwargs, 3) == -signal.SIGKILL
+    assert not (resumed_dir / "03-align" / "stage.json").exists()
+    cfg = tiny_pipeline_config(assets, resumed_dir, steps=6, **{"checkpoint.every_steps": 3,
+                                                                 "checkpoint.keep_after_stage": True})
+    run_pipeline(cfg, "")
+    assert losses(resumed_dir) == losses(straight)  # bitwise, fp32 on CPU
+    assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_damaged_newest_checkpoint_is_skipped(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    kwargs = child_kwargs(assets, out, **{"checkpoint.every_steps": 2, "checkpoint.keep_last": 3})
+    assert run_child_killed_after(kwargs, 4) == -signal.SIGKILL
+    newest = checkpoint_root(out / "03-align") / "checkpoint-00000004"
+    engine_file = newest / "engine.pt"
+    engine_file.write_bytes(engine_file.read_bytes()[:100])  # truncated
+    straight = run_pipeline(tiny_pipeline_config(assets, tmp_path / "straight", steps=6), "")
+    run_pipeline(tiny_pipeline_config(assets, out, steps=6, **{"checkpoint.every_steps": 2}), "")
+    captured = capsys.readouterr().out
+    assert "skipping damaged checkpoint checkpoint-00000004" in captured
+    assert "resumed from checkpoint-00000002" in captured
+    assert losses(out) == losses(straight)
+
+
+def test_sigterm_saves_a_checkpoint_then_stops(assets, tmp_path):
+    cfg = tiny_pipeline_config(assets, tmp_path / "run", steps=6, **{"checkpoint.keep_after_stage": True})
+    from factory.train import loop
+
+    original = loop.to_device
+    calls = {"n": 0}
+
+    def to_device_and_signal(batch, device):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(batch, device)
+
+    loop.to_device = to_device_and_signal
+    try:
+        with pytest.raises(Preempted) as err:
+            run_pipeline(cfg, "")
+    finally:
+        loop.to_device = original
+    assert err.value.step == 2 and err.value.signum == signal.SIGTERM
+    assert (checkpoint_root(tmp_path / "run" / "03-align") / "checkpoint-00000002" / "COMPLETE").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_resume_with_changed_config_is_refused(assets, tmp_path):
+    out = tmp_path / "run"
+    kwargs = child_kwargs(assets, out, **{"checkpoint.every_steps": 3})
+    assert run_child_killed_after(kwargs, 3) == -signal.SIGKILL
+    changed = tiny_pipeline_config(assets, out, steps=6, **{"checkpoint.every_steps": 3})
+    changed.align.optim.lr = 5e-4
+    with pytest.raises(ResumeRefused, match="different config"):
+        run_pipeline(changed, "")
+    changed.checkpoint.force_resume = True
+    run_pipeline(changed, "")
+    assert (out / "03-align" / "stage.json").exists()
