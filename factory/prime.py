@@ -25,6 +25,9 @@ def _fail(err: ConfigError) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="prime", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    from factory.checkpoint.callback import Preempted
+    from factory.checkpoint.state import ResumeRefused
+
     try:
         typed = to_typed(cfg)
         validate_static(typed)
@@ -33,8 +36,12 @@ def _run(cfg: DictConfig) -> None:
         from factory.pipeline import run_pipeline
 
         run_pipeline(typed, resolved_yaml(cfg))
-    except ConfigError as err:
+    except (ConfigError, ResumeRefused) as err:
         _fail(err)
+    except Preempted as stop:
+        # Checkpoint written; the launcher (SLURM requeue) restarts and the run resumes.
+        print(f"preempted: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 def _resolve_printed_config(argv: list[str]) -> list[str]:

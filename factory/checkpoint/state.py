@@ -32,6 +32,10 @@ TRAINER_STATE = "trainer.json"
 RNG_STATE = "rng.pt"
 
 
+class ResumeRefused(RuntimeError):
+    """A checkpoint exists but was made by another config."""
+
+
 @dataclass
 class TrainerState:
     step: int

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.checkpoint.callback import CheckpointCallback
-from factory.checkpoint.state import find_resumable, load_trainer_state, restore_rng
+from factory.checkpoint.state import ResumeRefused, find_resumable, load_trainer_state, restore_rng
 from factory.config.schema import TrainStageConfig
 from factory.data.loader import RowLoader
 from factory.data.packing import packed_rows
@@ -21,10 +21,6 @@ from factory.train.engine import LocalEngine
 from factory.train.loop import StepState, train_loop
 
 TRAINABLE_SETS = ("gdn", "gdn+norms", "all")
-
-
-class ResumeRefused(RuntimeError):
-    """A checkpoint exists but was made by another config."""
 
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from factory.checkpoint.callback import Preempted
-from factory.checkpoint.state import checkpoint_root
+from factory.checkpoint.state import ResumeRefused, checkpoint_root
 from factory.pipeline import run_pipeline
-from factory.train.stages import ResumeRefused
 from tests.fixtures import make_tiny_assets, tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
