@@ -36,9 +36,23 @@ class DataConfig:
 
 @dataclass
 class SelectConfig:
-    method: str = "alternate"  # manual | alternate
+    method: str = "alternate"  # manual | alternate | swa_proxy | gdn_proxy | kl_trained
     ratio: float = 0.5  # share of attention layers that become GDN
     layers: Optional[list[int]] = None  # for method=manual
+    # Scoring methods: damage of replacing one layer, measured on long-range tokens.
+    window: int = 64  # swa_proxy: sliding-window size in tokens
+    metric: str = "kl"  # kl (to the teacher's logits) | loss (increase of next-token loss)
+    greedy: bool = False  # fix the best layer, re-score the rest with it applied
+    min_distance: Optional[int] = None  # scored text positions: position >= this (default: window)
+    answer_weight: float = 0.5  # share of the score from retrieval answer tokens (the rest: text)
+    calibration_files: Optional[list[str]] = None  # default: data.heldout_files
+    calibration_rows: int = 8
+    calibration_seq_len: Optional[int] = None  # default: data.seq_len
+    calibration_samples: int = 8  # retrieval samples (kv + passkey) with the fact beyond the window
+    calibration_batch_size: int = 4
+    trained_steps: int = 30  # kl_trained: distillation steps per candidate layer
+    trained_batch_size: int = 4
+    trained_lr: float = 1.0e-3
 
 
 @dataclass

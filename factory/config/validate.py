@@ -15,7 +15,7 @@ from factory.config.schema import STAGES, TRAIN_STAGES, PrimeConfig
 from factory.rundir import PIPELINE_JSON, PipelineDir, config_hash, pipeline_identity
 
 # The accepted values, in one place (new selection methods, losses, ... are added here).
-SELECT_METHODS = ("manual", "alternate")
+SELECT_METHODS = ("manual", "alternate", "swa_proxy", "gdn_proxy", "kl_trained")
 SUPPORTED_FAMILIES = ("qwen3",)
 ON_EXISTING = ("resume", "overwrite")
 DEVICES = ("auto", "cpu", "cuda")

@@ -2,6 +2,9 @@
 
 ``manual`` takes a list; ``alternate`` spreads ``round(ratio * L)`` GDN layers evenly, keeping
 the first layer attention (its inputs are raw embeddings, the layer least like a recurrence).
+``swa_proxy``, ``gdn_proxy`` and ``kl_trained`` score every layer by the damage its replacement
+does on long-range tokens (``factory.priming.scoring``) and convert the least damaged ones;
+``greedy`` re-scores after fixing each choice.
 Output: ``selection.json`` and a bar chart of per-layer scores with the chosen layers marked.
 """
 
@@ -12,7 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from factory.config.schema import SelectConfig
+from factory.config.schema import PrimeConfig, SelectConfig
+
+SCORING_METHODS = {"swa_proxy": "swa", "gdn_proxy": "gdn", "kl_trained": "kl_trained"}
 
 
 @dataclass
@@ -20,11 +25,20 @@ class Selection:
     method: str
     num_layers: int
     gdn_layers: list[int]
-    scores: list[float] = field(default_factory=list)  # higher = safer to convert
+    scores: list[float] = field(default_factory=list)  # per layer; lower = safer to convert
+    score_label: str = "1 = kept attention, 0 = GDN"
     calibration_tokens: int = 0
-    compute_tokens: int = 0
+    compute_tokens: int = 0  # tokens through forward passes (teacher and probes)
+    backward_tokens: int = 0
     compute_flops: float = 0.0
+    flops_formula: str = ""
     seconds: float = 0.0
+    greedy: bool = False
+    greedy_rounds: list[dict] = field(default_factory=list)
+    score_parts: list[dict] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    priming_flops: float = 0.0  # align + distill of the same config, same formula
+    share_of_priming: float = 0.0
 
     def layer_types(self) -> list[str]:
         chosen = set(self.gdn_layers)
@@ -44,16 +58,65 @@ def alternate_layers(ratio: float, num_layers: int) -> list[int]:
     return [i for i in range(num_layers) if i not in attention]
 
 
-def select_layers(cfg: SelectConfig, num_layers: int) -> Selection:
+def check_scoring_config(cfg: SelectConfig) -> None:
+    from factory.priming.scoring import METRICS
+
+    if cfg.metric not in METRICS:
+        raise ValueError(f"select.metric={cfg.metric!r} is not accepted; accepted: {', '.join(METRICS)}")
+    if cfg.window < 1 or not 0 <= cfg.answer_weight <= 1:
+        raise ValueError(f"select.window={cfg.window} must be >= 1 and select.answer_weight={cfg.answer_weight} "
+                         "in [0, 1]")
+
+
+def select_layers(cfg: SelectConfig, num_layers: int, inputs=None) -> Selection:
+    """``inputs`` (a ``scoring.ScoringInputs``) is needed by the scoring methods only."""
     start = time.perf_counter()
-    if cfg.method == "manual":
-        layers = sorted(cfg.layers or [])
-    elif cfg.method == "alternate":
-        layers = alternate_layers(cfg.ratio, num_layers)
-    else:
-        raise ValueError(f"select.method '{cfg.method}' is not one of: manual, alternate")
-    scores = [1.0 if i in layers else 0.0 for i in range(num_layers)]
-    return Selection(cfg.method, num_layers, layers, scores, seconds=time.perf_counter() - start)
+    if cfg.method in ("manual", "alternate"):
+        layers = sorted(cfg.layers or []) if cfg.method == "manual" else alternate_layers(cfg.ratio, num_layers)
+        scores = [0.0 if i in layers else 1.0 for i in range(num_layers)]
+        return Selection(cfg.method, num_layers, layers, scores, seconds=time.perf_counter() - start)
+    if cfg.method not in SCORING_METHODS:
+        raise ValueError(f"select.method '{cfg.method}' is not one of: manual, alternate, {', '.join(SCORING_METHODS)}")
+    if inputs is None:
+        raise ValueError(f"select.method={cfg.method} needs the teacher and calibration data")
+    return _scored_selection(cfg, num_layers, inputs, start)
+
+
+def _scored_selection(cfg: SelectConfig, num_layers: int, inputs, start: float) -> Selection:
+    from factory.priming.scoring import FLOPS_FORMULA, score_kl_trained, score_proxy
+
+    check_scoring_config(cfg)
+    n = num_gdn_layers(cfg.ratio, num_layers)
+    kind = SCORING_METHODS[cfg.method]
+    result = score_kl_trained(cfg, inputs, n) if kind == "kl_trained" else score_proxy(cfg, inputs, kind, n)
+    params = sum(p.numel() for p in inputs.teacher.parameters())
+    label = f"damage ({'KL to teacher' if cfg.metric == 'kl' else 'loss increase'}, long-range tokens)"
+    return Selection(
+        cfg.method, num_layers, result.chosen, result.damage, label,
+        calibration_tokens=result.calibration["tokens"], compute_tokens=result.compute.forward_tokens,
+        backward_tokens=result.compute.backward_tokens, compute_flops=result.compute.flops(params),
+        flops_formula=f"{FLOPS_FORMULA}; N={params}", seconds=time.perf_counter() - start,
+        greedy=cfg.greedy, greedy_rounds=result.rounds if cfg.greedy else [], score_parts=result.parts,
+        calibration=result.calibration)
+
+
+def priming_flops(cfg: PrimeConfig, params: int) -> float:
+    """A lower bound of align + distill compute, same formula as selection: align runs the
+    teacher stream forward (GDN backward left out), distill a teacher forward and a student
+    forward + backward per token."""
+    total = 0.0
+    for stage, per_token in (("align", 2), ("distill", 2 + 2 + 4)):
+        if stage in cfg.stages:
+            s = getattr(cfg, stage)
+            total += per_token * params * s.steps * s.batch_size * s.grad_accum * (s.seq_len or cfg.data.seq_len)
+    return total
+
+
+def add_priming_share(selection: Selection, cfg: PrimeConfig, params: int) -> Selection:
+    selection.priming_flops = priming_flops(cfg, params)
+    if selection.priming_flops:
+        selection.share_of_priming = selection.compute_flops / selection.priming_flops
+    return selection
 
 
 def write_selection(selection: Selection, out_dir: Path) -> None:
@@ -73,11 +136,13 @@ def plot_selection(selection: Selection, path: Path) -> None:
 
     chosen = set(selection.gdn_layers)
     colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(selection.num_layers)]
-    fig, ax = plt.subplots(figsize=(max(4, selection.num_layers * 0.35), 3))
+    fig, ax = plt.subplots(figsize=(max(4, selection.num_layers * 0.45), 3))
     ax.bar(range(selection.num_layers), selection.scores, color=colors)
+    ax.set_xticks(range(selection.num_layers))
     ax.set_xlabel("layer")
-    ax.set_ylabel("score (higher: safer as GDN)")
-    ax.set_title(f"{selection.method}: GDN layers in orange ({len(chosen)}/{selection.num_layers})")
+    ax.set_ylabel("lower: safer as GDN", fontsize=8)
+    ax.set_title(f"{selection.method}: {selection.score_label}\nGDN layers in orange "
+                 f"({len(chosen)}/{selection.num_layers})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 from factory.priming.init import build_hybrid_from_teacher
-from factory.priming.select import read_selection, select_layers, write_selection
+from factory.priming.select import (SCORING_METHODS, add_priming_share, read_selection, select_layers,
+                                    write_selection)
 from factory.stage_context import StageContext
 
 
 def run_select(ctx: StageContext) -> dict:
     from transformers import AutoConfig
 
-    num_layers = AutoConfig.from_pretrained(ctx.cfg.model.path).num_hidden_layers
-    selection = select_layers(ctx.cfg.select, num_layers)
+    from factory.priming.scoring import ScoringInputs
+
+    cfg = ctx.cfg
+    num_layers = AutoConfig.from_pretrained(cfg.model.path).num_hidden_layers
+    inputs, params = None, 0
+    if cfg.select.method in SCORING_METHODS:
+        teacher = ctx.load_teacher()
+        params = sum(p.numel() for p in teacher.parameters())
+        inputs = ScoringInputs(teacher, ctx.tokenizer, cfg.data, cfg.init, cfg.seed, str(ctx.device),
+                               str(ctx.cache_dir))
+    selection = select_layers(cfg.select, num_layers, inputs)
+    if params:
+        add_priming_share(selection, cfg, params)
     write_selection(selection, ctx.stage_dir)
-    print(f"[select] {selection.method}: GDN layers {selection.gdn_layers} of {num_layers}")
-    return {"gdn_layers": selection.gdn_layers}
+    print(f"[select] {selection.method}: GDN layers {selection.gdn_layers} of {num_layers}"
+          + (f"; {selection.compute_flops:.3g} FLOPs, {100 * selection.share_of_priming:.2f}% of priming"
+             if params else ""))
+    return {"gdn_layers": selection.gdn_layers, "selection_tokens": selection.compute_tokens}
 
 
 def run_init(ctx: StageContext) -> dict:

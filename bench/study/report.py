@@ -1,0 +1,263 @@
+"""Tables, plots and goal verdicts of the study, written into docs/QUALITY.md.
+
+    python bench/study/report.py bench/study/results.json [--quality docs/QUALITY.md]
+
+Only the section "## Selection and initialization study (issue 4)" is rewritten; other
+sections of QUALITY.md stay as they are. The hand-written setup and conclusion come from
+bench/study/conclusion.md and are included verbatim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTION = "## Selection and initialization study (issue 4)"
+WITHIN, BEYOND, LONG = (32,), (128, 256, 480), (1024, 2048)
+TRAIN_LEN_DISTANCE = 480  # the fact 480 tokens back: a sample fills the 512-token training window
+FIGURES = ROOT / "docs" / "figures"
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def retrieval(by_task: dict, distances) -> float:
+    """Accuracy averaged over tasks (kv, passkey) and the given distances."""
+    return statistics.mean(by_task[t][str(d)] for t in by_task for d in distances)
+
+
+def metrics(arm: dict) -> dict:
+    ev = arm["eval"]
+    h, student = ev["heldout"], ev["retrieval"]
+    out = {"loss_gap_pct": 100 * (h["student_loss"] - h["teacher_loss"]) / h["teacher_loss"], "kl": h["kl"],
+           "within": retrieval(student, WITHIN), "beyond": retrieval(student, BEYOND),
+           "at_train_len": retrieval(student, (TRAIN_LEN_DISTANCE,)),
+           "x2": retrieval(student, (1024,)), "x4": retrieval(student, (2048,)),
+           "share_pct": 100 * (arm["selection"].get("share_of_recipe_priming") or 0.0),
+           "select_s": arm["stages"]["select"]["seconds"]}
+    return out
+
+
+def teacher_metrics(teacher: dict) -> dict:
+    t = teacher["retrieval"]
+    return {"loss": teacher["heldout"]["teacher_loss"], "within": retrieval(t, WITHIN), "beyond": retrieval(t, BEYOND),
+            "at_train_len": retrieval(t, (TRAIN_LEN_DISTANCE,)), "x2": retrieval(t, (1024,)),
+            "x4": retrieval(t, (2048,))}
+
+
+def grouped(arms: dict) -> dict:
+    """{(group, variant, method, ratio): [arm, ...]} over seeds."""
+    out = defaultdict(list)
+    for arm in arms.values():
+        out[(arm["group"], arm["variant"], arm["method"], arm["ratio"])].append(arm)
+    return out
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def column(arms: list[dict], key: str) -> list[float]:
+    return [metrics(a)[key] for a in arms]
+
+
+# ------------------------------------------------------------------ tables
+
+COLUMNS = (("loss gap %", "loss_gap_pct", "{:.2f}"), ("KL", "kl", "{:.4f}"), ("ret. @32 (within)", "within", "{:.2f}"),
+           ("ret. 128-480 (beyond)", "beyond", "{:.2f}"), ("ret. @1024 (2x)", "x2", "{:.2f}"),
+           ("ret. @2048 (4x)", "x4", "{:.2f}"))
+
+
+def _row(label: str, arms: list[dict], extra: list[str] = ()) -> str:
+    cells = [spread(column(arms, key), fmt) for _, key, fmt in COLUMNS]
+    return "| " + " | ".join([label, str(len(arms)), *cells, *extra]) + " |"
+
+
+def teacher_table(teacher: dict) -> list[str]:
+    t = teacher_metrics(teacher)
+    return ["| teacher | held-out loss | ret. @32 | ret. 128-480 | ret. @480 | ret. @1024 | ret. @2048 |",
+            "|---|---|---|---|---|---|---|",
+            f"| embedded | {t['loss']:.4f} | {t['within']:.2f} | {t['beyond']:.2f} | {t['at_train_len']:.2f} | "
+            f"{t['x2']:.2f} | {t['x4']:.2f} |"]
+
+
+def selection_table(groups: dict, methods: list[str], ratio: float) -> list[str]:
+    head = ["method", "seeds", *[c[0] for c in COLUMNS], "GDN layers (per seed)", "selection cost % of priming"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        arms = sorted(groups.get(("selection", "default", method, ratio), []), key=lambda a: a["seed"])
+        if not arms:
+            continue
+        layers = "; ".join(",".join(map(str, a["selection"]["gdn_layers"])) for a in arms)
+        cost = spread(column(arms, "share_pct"), "{:.2f}") if method != "alternate" else "0"
+        lines.append(_row(method, arms, [layers, cost]))
+    return lines
+
+
+def variant_table(groups: dict, base: str) -> list[str]:
+    head = ["variant (50%, " + base + ")", "seeds", *[c[0] for c in COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [("default (published gate, q/k-norm dropped, default conv, KL stage 2, layerwise align)",
+             groups.get(("selection", "default", base, 0.5), []))]
+    rows += sorted(((v, arms) for (g, v, m, r), arms in groups.items() if g == "variant"), key=lambda x: x[0])
+    for label, arms in rows:
+        if arms:
+            lines.append(_row(label, sorted(arms, key=lambda a: a["seed"])))
+    return lines
+
+
+# ------------------------------------------------------------------ goals
+
+
+def beats_outside_spread(a: list[float], b: list[float]) -> bool:
+    """Every seed of ``a`` above every seed of ``b`` (the seed ranges do not overlap)."""
+    return bool(a and b) and min(a) > max(b)
+
+
+def goals(groups: dict, default: str, teacher: dict) -> list[str]:
+    lines = []
+    for ratio in (0.5, 0.75):
+        d = column(groups.get(("selection", "default", default, ratio), []), "beyond")
+        alt = column(groups.get(("selection", "default", "alternate", ratio), []), "beyond")
+        if d and alt:
+            verdict = "MET" if beats_outside_spread(d, alt) else "NOT MET"
+            lines.append(f"- {verdict}: at {round(ratio * 100)}% GDN, `{default}` vs `alternate` on retrieval beyond "
+                         f"the window (128-480): {min(d):.2f}..{max(d):.2f} vs {min(alt):.2f}..{max(alt):.2f} "
+                         f"(seed ranges; met = no overlap)")
+    arms50 = groups.get(("selection", "default", default, 0.5), [])
+    shares = column(arms50, "share_pct")
+    if shares:
+        verdict = "MET" if max(shares) <= 2 else "NOT MET"
+        lines.append(f"- {verdict}: selection cost of `{default}` is {max(shares):.2f}% of the priming compute "
+                     "(align + distill of the shipped gdn_50pct recipe, same FLOP formula; worst seed)")
+    if arms50:
+        gaps, t = column(arms50, "loss_gap_pct"), teacher_metrics(teacher)
+        verdict = "MET" if max(gaps) <= 2 else "NOT MET"
+        lines.append(f"- {verdict}: 50% hybrid held-out loss within 2% of the teacher's: gap "
+                     f"{min(gaps):.2f}..{max(gaps):.2f}%")
+        rel = [metrics(a)["at_train_len"] / max(1e-9, t["at_train_len"]) for a in arms50]
+        verdict = "MET" if min(rel) >= 0.95 else "NOT MET"
+        lines.append(f"- {verdict}: 50% hybrid retrieval at the training length (distance {TRAIN_LEN_DISTANCE}) "
+                     f">= 95% of the teacher's: {100 * min(rel):.0f}..{100 * max(rel):.0f}% of the teacher")
+    return lines
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_retrieval(groups: dict, methods: list[str], ratios: list[float], teacher: dict, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.4), sharey=True, squeeze=False)
+    t = teacher["retrieval"]
+    distances = sorted(int(d) for d in t["kv"])
+    for ax, ratio in zip(axes[0], ratios):
+        ax.plot(distances, [retrieval(t, (d,)) for d in distances], "k--", label="teacher")
+        for method in methods:
+            arms = groups.get(("selection", "default", method, ratio), [])
+            if not arms:
+                continue
+            acc = [[retrieval(a["eval"]["retrieval"], (d,)) for a in arms] for d in distances]
+            mean = [statistics.mean(v) for v in acc]
+            ax.errorbar(distances, mean, yerr=[[m - min(v) for m, v in zip(mean, acc)],
+                                               [max(v) - m for m, v in zip(mean, acc)]],
+                        marker="o", capsize=3, label=method)
+        ax.axvline(64, color="grey", lw=0.8)
+        ax.axvline(512, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{round(ratio * 100)}% GDN")
+        ax.set_xlabel("distance (tokens); window 64, train length 512")
+    axes[0][0].set_ylabel("retrieval accuracy (kv + passkey)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scores(groups: dict, ratio: float, path: Path) -> None:
+    plt = _plt()
+    methods = [m for m in ("swa_proxy", "gdn_proxy", "kl_trained") if groups.get(("selection", "default", m, ratio))]
+    if not methods:
+        return
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        arm = min(groups[("selection", "default", method, ratio)], key=lambda a: a["seed"])
+        scores, chosen = arm["selection"]["scores"], set(arm["selection"]["gdn_layers"])
+        ax.bar(range(len(scores)), scores, color=["tab:orange" if i in chosen else "tab:blue" for i in range(len(scores))])
+        ax.set_title(f"{method} (seed {arm['seed']}): GDN in orange", fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(len(scores)))
+    axes[0][0].set_ylabel("damage on long-range tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ document
+
+
+def section(results: dict, default: str, conclusion: str) -> str:
+    arms = results["arms"]
+    groups = grouped(arms)
+    methods = [m for m in ("alternate", "swa_proxy", "gdn_proxy", "kl_trained")
+               if any(k[2] == m and k[0] == "selection" for k in groups)]
+    ratios = sorted({k[3] for k in groups if k[0] == "selection"})
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    plot_retrieval(groups, methods, ratios, results["teacher"], FIGURES / "study_retrieval.png")
+    plot_scores(groups, 0.5, FIGURES / "study_layer_scores.png")
+    b = results["budget"]
+    out = [SECTION, "", "_Generated by `bench/study/report.py` from `bench/study/results.json`; rerun the study "
+           "with `bench/study/run_study.py`._", "",
+           f"Arms: {len(arms)}. Every arm: align {b['align_steps']} steps + distill {b['distill_steps']} steps of "
+           f"{b['batch_size']} rows x 512 tokens (equal training tokens per arm); eval on {b['heldout_rows']} held-out "
+           f"rows and {b['retrieval_samples']} samples per task and distance. Cells: mean ± sd over seeds.", "",
+           "### Teacher", "", *teacher_table(results["teacher"]), ""]
+    for ratio in ratios:
+        out += [f"### Selection methods at {round(ratio * 100)}% GDN", "", *selection_table(groups, methods, ratio), ""]
+    out += ["![retrieval by distance](figures/study_retrieval.png)", "",
+            "![per-layer damage at 50%](figures/study_layer_scores.png)", ""]
+    if any(k[0] == "variant" for k in groups):
+        out += ["### Initialization, stage-2 loss and alignment variants", "", *variant_table(groups, "swa_proxy"), ""]
+    out += [f"### Goals (default selection: `{default}`)", "", *goals(groups, default, results["teacher"]), ""]
+    return "\n".join(out) + "\n" + conclusion.strip() + "\n"
+
+
+def write_quality(path: Path, text: str) -> None:
+    """Replace our section (up to the next ``## `` heading) or append it; other sections stay."""
+    old = path.read_text() if path.exists() else "# Quality\n"
+    if SECTION in old:
+        start = old.index(SECTION)
+        end = old.find("\n## ", start + len(SECTION))
+        old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    path.write_text(old.rstrip() + "\n\n" + text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", type=Path)
+    p.add_argument("--quality", type=Path, default=ROOT / "docs" / "QUALITY.md")
+    p.add_argument("--default", default="swa_proxy", help="the selection method the recipes use")
+    p.add_argument("--conclusion", type=Path, default=Path(__file__).with_name("conclusion.md"))
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    conclusion = args.conclusion.read_text() if args.conclusion.exists() else ""
+    write_quality(args.quality, section(results, args.default, conclusion))
+    print(f"wrote {args.quality} and {FIGURES}/study_*.png")
+
+
+if __name__ == "__main__":
+    main()

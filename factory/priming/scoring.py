@@ -1,0 +1,358 @@
+"""Per-layer damage scores for selection (DESIGN.md "Priming").
+
+Each candidate layer is replaced, alone, and the model is run over a small calibration set;
+the damage is measured only where the replacement can matter: text positions at least
+``min_distance`` tokens into their document, and the answer tokens of retrieval samples whose
+fact sits beyond the window. Damage is forward KL to the teacher's logits (``metric=kl``) or
+the increase of next-token loss (``metric=loss``); lower damage = safer to convert.
+
+Replacements:
+- ``swa``: the layer's attention sees only the last ``window`` tokens (an extra mask put on
+  that layer by a forward pre-hook; the model code is untouched).
+- ``gdn``: the layer's attention-initialized GDN (a probe hybrid whose layers all hold both
+  mixers; each layer's ``mixer_mode`` picks which one runs).
+- ``kl_trained``: a hybrid with only that layer converted, distilled for a few steps.
+
+Compute is counted in tokens through forward and backward passes; FLOPs use
+``2 * N * forward tokens + 4 * N * backward tokens`` with N the teacher's parameter count.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from factory.config.schema import DataConfig, InitConfig, SelectConfig
+from factory.data.packing import IGNORE_INDEX, packed_rows
+
+FLOPS_FORMULA = "FLOPs = 2*N*forward_tokens + 4*N*backward_tokens, N = teacher parameters (embeddings included)"
+METRICS = ("kl", "loss")
+
+
+@dataclass
+class ScoringInputs:
+    """What scoring needs besides the select config: the frozen teacher and where data lives."""
+
+    teacher: torch.nn.Module
+    tokenizer: object
+    data: DataConfig
+    init: InitConfig
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+
+@dataclass
+class CalibrationPart:
+    """Rows and their scored positions (label != IGNORE_INDEX: the token the position predicts)."""
+
+    name: str
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    weight: float
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def scored(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Compute:
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+
+    def flops(self, params: int) -> float:
+        return 2.0 * params * self.forward_tokens + 4.0 * params * self.backward_tokens
+
+
+@dataclass
+class ScoreResult:
+    damage: list[float]  # per layer, one-shot (every layer alone)
+    chosen: list[int]
+    rounds: list[dict] = field(default_factory=list)  # greedy: {layer: damage} per round
+    parts: list[dict] = field(default_factory=list)  # per layer: damage of each calibration part
+    calibration: dict = field(default_factory=dict)
+    compute: Compute = field(default_factory=Compute)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def build_calibration(cfg: SelectConfig, inputs: ScoringInputs) -> list[CalibrationPart]:
+    seq_len = cfg.calibration_seq_len or inputs.data.seq_len
+    min_distance = cfg.window if cfg.min_distance is None else cfg.min_distance
+    parts = []
+    if cfg.answer_weight < 1 and cfg.calibration_rows > 0:
+        parts.append(_text_part(cfg, inputs, seq_len, min_distance))
+    if cfg.answer_weight > 0 and cfg.calibration_samples > 0:
+        parts.append(_answer_part(cfg, inputs, seq_len))
+    if not parts:
+        raise ValueError("select: the calibration set is empty; set select.calibration_rows or "
+                         "select.calibration_samples > 0")
+    return parts
+
+
+def _text_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int, min_distance: int) -> CalibrationPart:
+    files = cfg.calibration_files or inputs.data.heldout_files
+    rows = packed_rows(files, inputs.tokenizer, seq_len, inputs.data.text_field, inputs.cache_dir)
+    # Evenly spread rows: the held-out file is in document order.
+    index = torch.from_numpy(np.linspace(0, len(rows) - 1, min(cfg.calibration_rows, len(rows))).round().astype(int))
+    batch = rows.batch(index)
+    labels = batch["labels"].masked_fill(batch["position_ids"] < min_distance, IGNORE_INDEX)
+    return CalibrationPart("text", batch["input_ids"], batch["position_ids"], labels, 1 - cfg.answer_weight)
+
+
+def _answer_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int) -> CalibrationPart:
+    """Retrieval samples (half kv, half passkey) whose fact is beyond the window, answers scored."""
+    from factory.data.synthetic import Filler, make_samples, token_counter
+    from factory.eval.retrieval import DEFAULT_FILLER, encode_sample
+
+    tok = inputs.tokenizer
+    filler = Filler(DEFAULT_FILLER.read_text(), token_counter(tok))
+    # Room for the prefix (<= 64 tokens), the fact and the question within seq_len; beyond the
+    # window where it fits.
+    high = max(16, seq_len - 112)
+    low = min(cfg.window + 16, high)
+    distances = np.linspace(low, high, cfg.calibration_samples).round().astype(int)
+    rng = random.Random(f"select-calibration/{inputs.seed}")
+    encoded = [encode_sample(tok, make_samples(("kv", "passkey")[i % 2], rng, filler, int(d), 1)[0])
+               for i, d in enumerate(distances)]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (ids, n_answer) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        start = len(ids) - n_answer
+        labels[row, start - 1 : len(ids) - 1] = torch.tensor(ids[start:])
+    # Right padding under a causal model: real tokens never see it.
+    position_ids = torch.arange(width).expand(len(encoded), width).clone()
+    return CalibrationPart("answers", input_ids, position_ids, labels, cfg.answer_weight)
+
+
+def calibration_summary(parts: list[CalibrationPart], cfg: SelectConfig, inputs: ScoringInputs) -> dict:
+    return {"tokens": sum(p.tokens for p in parts), "window": cfg.window, "metric": cfg.metric,
+            "min_distance": cfg.window if cfg.min_distance is None else cfg.min_distance,
+            "files": list(cfg.calibration_files or inputs.data.heldout_files),
+            "parts": {p.name: {"rows": p.input_ids.shape[0], "seq_len": p.input_ids.shape[1], "tokens": p.tokens,
+                               "scored_positions": p.scored, "weight": p.weight} for p in parts}}
+
+
+# ------------------------------------------------------------------ damage
+
+
+def _batches(part: CalibrationPart, batch_size: int, device):
+    for start in range(0, part.input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        yield (part.input_ids[sl].to(device), part.position_ids[sl].to(device), part.labels[sl].to(device))
+
+
+@torch.no_grad()
+def reference_hidden(teacher, parts: list[CalibrationPart], batch_size: int, device) -> list[list[torch.Tensor]]:
+    """The teacher's final hidden states at the scored positions (logits are recomputed per use:
+    a hidden state is D numbers, a logit row V)."""
+    out = []
+    for part in parts:
+        out.append([teacher.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[y != IGNORE_INDEX]
+                    for ids, pos, y in _batches(part, batch_size, device)])
+    return out
+
+
+@torch.no_grad()
+def damage(model, teacher, parts: list[CalibrationPart], reference, metric: str, batch_size: int,
+           device, compute: Compute) -> tuple[float, dict]:
+    """Weighted mean over calibration parts of the per-position damage; also each part's value."""
+    per_part = {}
+    for part, ref in zip(parts, reference):
+        total, count = 0.0, 0
+        for (ids, pos, y), h_t in zip(_batches(part, batch_size, device), ref):
+            valid = y != IGNORE_INDEX
+            h_s = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[valid]
+            logp_s = F.log_softmax(model.lm_head(h_s).float(), -1)
+            logp_t = F.log_softmax(teacher.lm_head(h_t).float(), -1)
+            if metric == "kl":
+                total += float((logp_t.exp() * (logp_t - logp_s)).sum())
+            else:
+                total += float(F.nll_loss(logp_s, y[valid], reduction="sum") - F.nll_loss(logp_t, y[valid], reduction="sum"))
+            count += int(valid.sum())
+            compute.forward_tokens += ids.numel()
+        per_part[part.name] = total / max(1, count)
+    weight = sum(p.weight for p in parts)
+    return sum(p.weight * per_part[p.name] for p in parts) / weight, per_part
+
+
+# ------------------------------------------------------------------ replacements
+
+
+def sliding_window_mask(position_ids: torch.Tensor, window: int, dtype: torch.dtype, additive: bool) -> torch.Tensor:
+    """Causal, block-diagonal per document (positions restart at document starts), and at most
+    ``window`` tokens back (the query's own token included). ``[B, 1, T, T]``."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    doc = starts.cumsum(-1)
+    idx = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    back = idx[:, None] - idx[None, :]
+    allowed = (back >= 0) & (back < window) & (doc[:, :, None] == doc[:, None, :])
+    if not additive:
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _swa_hook(window: int):
+    def hook(module, args, kwargs):
+        if module.config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"swa_proxy needs sdpa or eager attention, not {module.config._attn_implementation!r}")
+        hidden = kwargs["hidden_states"]
+        position_ids = kwargs["position_ids"].expand(hidden.shape[0], -1)
+        kwargs["attention_mask"] = sliding_window_mask(position_ids, window, hidden.dtype,
+                                                       module.config._attn_implementation == "eager")
+        return args, kwargs
+
+    return hook
+
+
+def replace_layer(probe, layer: int, kind: str, window: int) -> Callable[[], None]:
+    """Put the replacement on one layer of the probe; returns the undo."""
+    decoder = probe.model.layers[layer]
+    if kind == "gdn":
+        decoder.mixer_mode = "student"
+        return lambda: setattr(decoder, "mixer_mode", "teacher")
+    handle = decoder.self_attn.register_forward_pre_hook(_swa_hook(window), with_kwargs=True)
+    return handle.remove
+
+
+def build_probe(teacher, kind: str, init: InitConfig, seed: int):
+    """The teacher's network in which every layer can be switched to its replacement."""
+    from factory.priming.init import build_hybrid_from_teacher
+
+    n = teacher.config.num_hidden_layers
+    types = ["linear_attention" if kind == "gdn" else "full_attention"] * n
+    probe = build_hybrid_from_teacher(teacher, types, init, seed, keep_teacher_attention=True)
+    probe.config._attn_implementation = "sdpa" if kind == "swa" else teacher.config._attn_implementation
+    probe = probe.to(next(teacher.parameters()).device).eval().requires_grad_(False)
+    for layer in probe.model.layers:
+        layer.mixer_mode = "teacher"
+    return probe
+
+
+# ------------------------------------------------------------------ proxies
+
+
+def _ranked(scores: dict[int, float]) -> list[int]:
+    return sorted(scores, key=lambda i: (scores[i], i))
+
+
+def score_proxy(cfg: SelectConfig, inputs: ScoringInputs, kind: str, n_gdn: int) -> ScoreResult:
+    """One-shot (every layer alone) scores; with ``cfg.greedy``, rounds that fix the best layer."""
+    parts = build_calibration(cfg, inputs)
+    compute, bs, dev = Compute(), cfg.calibration_batch_size, inputs.device
+    teacher = inputs.teacher
+    reference = reference_hidden(teacher, parts, bs, dev)
+    compute.forward_tokens += sum(p.tokens for p in parts)
+    probe = build_probe(teacher, kind, inputs.init, inputs.seed)
+    fixed, undo_fixed, rounds, part_scores = [], [], [], []
+    for round_index in range(n_gdn if cfg.greedy else 1):
+        scores = {}
+        for layer in range(teacher.config.num_hidden_layers):
+            if layer in fixed:
+                continue
+            undo = replace_layer(probe, layer, kind, cfg.window)
+            scores[layer], per_part = damage(probe, teacher, parts, reference, cfg.metric, bs, dev, compute)
+            undo()
+            if round_index == 0:
+                part_scores.append(per_part)
+        rounds.append(scores)
+        best = _ranked(scores)[0]
+        fixed.append(best)
+        undo_fixed.append(replace_layer(probe, best, kind, cfg.window))
+    for undo in undo_fixed:
+        undo()
+    one_shot = rounds[0]
+    chosen = fixed if cfg.greedy else _ranked(one_shot)[:n_gdn]
+    return ScoreResult([one_shot[i] for i in sorted(one_shot)], sorted(chosen),
+                       [{str(k): v for k, v in r.items()} for r in rounds], part_scores,
+                       calibration_summary(parts, cfg, inputs), compute)
+
+
+# ------------------------------------------------------------------ kl_trained
+
+
+def _kl_tile(h_s, h_t, head_s, head_t):
+    logp_s = F.log_softmax(head_s(h_s).float(), -1)
+    with torch.no_grad():
+        logp_t = F.log_softmax(head_t(h_t).float(), -1)
+    return (logp_t.exp() * (logp_t - logp_s)).sum()
+
+
+def _kl_from_hidden(h_s, h_t, head_s, head_t, labels, tile: int = 1024) -> torch.Tensor:
+    """Mean forward KL over labelled positions; logits live one tile at a time (recomputed in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    valid = labels != IGNORE_INDEX
+    h_s, h_t = h_s[valid], h_t[valid].detach()
+    total = sum(checkpoint(_kl_tile, h_s[i:i + tile], h_t[i:i + tile], head_s, head_t, use_reentrant=False)
+                for i in range(0, h_s.shape[0], tile))
+    return total / max(1, h_s.shape[0])
+
+
+def _train_one_layer(teacher, layer: int, cfg: SelectConfig, inputs: ScoringInputs, rows, compute: Compute):
+    """A hybrid with only ``layer`` converted, GDN distilled for ``cfg.trained_steps`` steps."""
+    from factory.priming.init import build_hybrid_from_teacher
+
+    n = teacher.config.num_hidden_layers
+    types = ["linear_attention" if i == layer else "full_attention" for i in range(n)]
+    model = build_hybrid_from_teacher(teacher, types, inputs.init, inputs.seed, keep_teacher_attention=False)
+    model = model.to(inputs.device).requires_grad_(False)
+    params = list(model.model.layers[layer].linear_attn.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optim = torch.optim.AdamW(params, lr=cfg.trained_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(inputs.seed))
+    model.train()
+    for step in range(cfg.trained_steps):
+        index = order[(torch.arange(cfg.trained_batch_size) + step * cfg.trained_batch_size) % len(rows)]
+        batch = {k: v.to(inputs.device) for k, v in rows.batch(index).items()}
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        with torch.no_grad():
+            target = teacher.model(**kwargs).last_hidden_state
+        loss = _kl_from_hidden(model.model(**kwargs).last_hidden_state, target, model.lm_head, teacher.lm_head,
+                               batch["labels"])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        tokens = batch["input_ids"].numel()
+        compute.forward_tokens += 2 * tokens  # teacher + student
+        compute.backward_tokens += tokens
+    return model.eval().requires_grad_(False)
+
+
+def score_kl_trained(cfg: SelectConfig, inputs: ScoringInputs, n_gdn: int) -> ScoreResult:
+    """The costly baseline: one short distillation per candidate layer, then the same damage."""
+    if cfg.greedy:
+        raise ValueError("select.greedy=true is for swa_proxy and gdn_proxy; kl_trained scores each layer once")
+    parts = build_calibration(cfg, inputs)
+    compute, bs, dev, teacher = Compute(), cfg.calibration_batch_size, inputs.device, inputs.teacher
+    reference = reference_hidden(teacher, parts, bs, dev)
+    compute.forward_tokens += sum(p.tokens for p in parts)
+    seq_len = cfg.calibration_seq_len or inputs.data.seq_len
+    rows = packed_rows(inputs.data.train_files, inputs.tokenizer, seq_len, inputs.data.text_field, inputs.cache_dir)
+    scores, part_scores = {}, []
+    for layer in range(teacher.config.num_hidden_layers):
+        model = _train_one_layer(teacher, layer, cfg, inputs, rows, compute)
+        scores[layer], per_part = damage(model, teacher, parts, reference, cfg.metric, bs, dev, compute)
+        part_scores.append(per_part)
+    return ScoreResult([scores[i] for i in sorted(scores)], sorted(_ranked(scores)[:n_gdn]),
+                       [{str(k): v for k, v in scores.items()}], part_scores,
+                       calibration_summary(parts, cfg, inputs), compute)

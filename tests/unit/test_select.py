@@ -1,0 +1,148 @@
+"""Layer selection: manual/alternate, the scoring methods, greedy refinement, compute accounting."""
+
+import json
+
+import pytest
+import torch
+
+from factory.config.schema import DataConfig, InitConfig, SelectConfig
+from factory.priming.scoring import ScoringInputs, sliding_window_mask
+from factory.priming.select import alternate_layers, read_selection, select_layers, write_selection
+from tests.fixtures import make_tiny_assets, tiny_pipeline_config
+
+LAYERS = 4
+FAST = dict(window=8, calibration_rows=4, calibration_samples=2, trained_steps=2, trained_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_tiny_assets(tmp_path_factory.mktemp("select_assets"), num_layers=LAYERS)
+
+
+def _inputs(assets, teacher=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = teacher or AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32)
+    data = DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=64)
+    return ScoringInputs(teacher.eval().requires_grad_(False), AutoTokenizer.from_pretrained(assets["teacher"]),
+                         data, InitConfig(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs(assets):
+    return _inputs(assets)
+
+
+@pytest.fixture(scope="module")
+def crucial_inputs(assets):
+    """Only layer 2's attention contributes: every other layer's output projection is zero."""
+    inputs = _inputs(assets)
+    with torch.no_grad():
+        for i, layer in enumerate(inputs.teacher.model.layers):
+            if i != 2:
+                layer.self_attn.o_proj.weight.zero_()
+    return inputs
+
+
+def test_alternate_and_manual_unchanged():
+    assert alternate_layers(0.5, 8) == [1, 3, 5, 7]
+    sel = select_layers(SelectConfig(method="manual", layers=[3, 1]), 4)
+    assert sel.gdn_layers == [1, 3] and sel.layer_types()[1] == "linear_attention"
+
+
+@pytest.mark.parametrize("method", ["swa_proxy", "gdn_proxy", "kl_trained"])
+@pytest.mark.parametrize("ratio, expected", [(0.25, 1), (0.5, 2), (0.75, 3)])
+def test_methods_choose_distinct_layers_and_write_json(inputs, tmp_path, method, ratio, expected):
+    if method == "kl_trained" and ratio != 0.5:
+        pytest.skip("one ratio is enough for the costly baseline")
+    sel = select_layers(SelectConfig(method=method, ratio=ratio, **FAST), LAYERS, inputs)
+    assert len(sel.gdn_layers) == len(set(sel.gdn_layers)) == expected
+    assert all(0 <= i < LAYERS for i in sel.gdn_layers) and len(sel.scores) == LAYERS
+    # The chosen layers are the least damaged ones.
+    assert max(sel.scores[i] for i in sel.gdn_layers) <= min(
+        s for i, s in enumerate(sel.scores) if i not in sel.gdn_layers)
+    write_selection(sel, tmp_path)
+    saved = json.loads((tmp_path / "selection.json").read_text())
+    for key in ("scores", "gdn_layers", "method", "calibration_tokens", "compute_tokens", "compute_flops",
+                "flops_formula", "seconds"):
+        assert key in saved
+    assert (tmp_path / "selection.png").stat().st_size > 0
+    assert read_selection(tmp_path).gdn_layers == sel.gdn_layers
+
+
+def test_window_covering_everything_does_no_damage(inputs):
+    cfg = SelectConfig(method="swa_proxy", window=100_000, min_distance=0, calibration_rows=4,
+                       calibration_samples=2)
+    sel = select_layers(cfg, LAYERS, inputs)
+    assert max(abs(s) for s in sel.scores) < 1e-9
+    assert sel.calibration["parts"]["text"]["scored_positions"] > 0
+
+
+def test_window_mask_is_causal_per_document_and_local():
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    mask = sliding_window_mask(pos, window=2, dtype=torch.float32, additive=False)[0, 0]
+    assert mask[3].tolist() == [False, False, True, True, False, False, False]
+    assert mask[4].tolist() == [False] * 4 + [True, False, False]  # a new document sees only itself
+    additive = sliding_window_mask(pos, 2, torch.float32, additive=True)[0, 0]
+    assert torch.equal(additive == 0, mask)
+
+
+@pytest.mark.parametrize("method", ["swa_proxy", "gdn_proxy", "kl_trained"])
+def test_crucial_layer_stays_attention(crucial_inputs, method):
+    sel = select_layers(SelectConfig(method=method, ratio=0.75, **FAST), LAYERS, crucial_inputs)
+    assert sel.gdn_layers == [0, 1, 3]
+    # Untrained replacements of a silent layer stay silent; a trained one may drift a little.
+    silent = 1e-9 if method != "kl_trained" else sel.scores[2] / 2
+    assert sel.scores[2] > 0 and all(abs(sel.scores[i]) < silent for i in (0, 1, 3))
+
+
+def test_greedy_matches_one_shot_without_interactions_and_is_deterministic(crucial_inputs, inputs):
+    cfg = SelectConfig(method="swa_proxy", ratio=0.5, greedy=True, **FAST)
+    greedy = select_layers(cfg, LAYERS, crucial_inputs)
+    assert greedy.gdn_layers == [0, 1] and len(greedy.greedy_rounds) == 2
+    # Layers whose attention contributes nothing cannot interact: later rounds repeat round one.
+    assert greedy.greedy_rounds[1]["2"] == pytest.approx(greedy.greedy_rounds[0]["2"], abs=1e-9)
+    first, second = (select_layers(cfg, LAYERS, inputs) for _ in range(2))
+    assert first.gdn_layers == second.gdn_layers and first.greedy_rounds == second.greedy_rounds
+
+
+def test_compute_accounting(inputs):
+    one = select_layers(SelectConfig(method="swa_proxy", ratio=0.5, **FAST), LAYERS, inputs)
+    params = sum(p.numel() for p in inputs.teacher.parameters())
+    assert one.calibration_tokens > 0 and one.seconds > 0
+    assert one.compute_tokens == (1 + LAYERS) * one.calibration_tokens  # teacher + one pass per layer
+    assert one.compute_flops == pytest.approx(2 * params * one.compute_tokens)
+    greedy = select_layers(SelectConfig(method="swa_proxy", ratio=0.5, greedy=True, **FAST), LAYERS, inputs)
+    assert greedy.compute_tokens == (1 + LAYERS + LAYERS - 1) * greedy.calibration_tokens
+    trained = select_layers(SelectConfig(method="kl_trained", ratio=0.5, **FAST), LAYERS, inputs)
+    train_tokens = LAYERS * FAST["trained_steps"] * FAST["trained_batch_size"] * 64
+    assert trained.backward_tokens == train_tokens
+    assert trained.compute_flops == pytest.approx(2 * params * trained.compute_tokens + 4 * params * train_tokens)
+    assert trained.compute_flops > one.compute_flops
+
+
+def test_bad_metric_is_one_line(inputs):
+    with pytest.raises(ValueError, match="select.metric='mse'"):
+        select_layers(SelectConfig(method="swa_proxy", metric="mse", **FAST), LAYERS, inputs)
+
+
+def test_loss_metric_runs(crucial_inputs):
+    sel = select_layers(SelectConfig(method="swa_proxy", metric="loss", ratio=0.75, **FAST), LAYERS, crucial_inputs)
+    assert sel.gdn_layers == [0, 1, 3]
+
+
+def test_pipeline_select_stage_states_its_share_of_priming(assets, tmp_path):
+    from factory.config.validate import validate_static
+    from factory.pipeline import run_pipeline
+
+    cfg = tiny_pipeline_config(assets, tmp_path / "run", stages=("select", "init", "align"), steps=2)
+    cfg.select = SelectConfig(method="swa_proxy", ratio=0.5, **FAST)
+    validate_static(cfg)
+    root = run_pipeline(cfg, "")
+    sel = read_selection(root / "01-select")
+    params = sum(p.numel() for p in _inputs(assets).teacher.parameters())
+    assert sel.priming_flops == 2 * params * 2 * 2 * 64  # align: 2 steps of 2 rows of 64 tokens, forward only
+    assert len(sel.gdn_layers) == 2 and sel.share_of_priming == pytest.approx(sel.compute_flops / sel.priming_flops)
+    init_model = json.loads((root / "02-init" / "model" / "config.json").read_text())
+    assert [i for i, t in enumerate(init_model["layer_types"]) if t == "linear_attention"] == sel.gdn_layers
