@@ -12,6 +12,7 @@ import torch
 
 from factory.checkpoint.state import checkpoint_root
 from factory.config.schema import PrimeConfig
+from factory.distributed.env import DistEnv, init_distributed
 from factory.rundir import PipelineDir, config_hash, is_complete, mark_complete, pipeline_identity
 from factory.stage_context import StageContext
 
@@ -26,9 +27,9 @@ def stage_functions() -> dict:
             "export": run_export, "eval": run_eval}
 
 
-def resolve_device(cfg: PrimeConfig) -> tuple[torch.device, str]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+def resolve_device(cfg: PrimeConfig, env: DistEnv) -> tuple[torch.device, str]:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return device, precision
 
@@ -53,19 +54,27 @@ def run_pipeline(cfg: PrimeConfig, resolved_yaml: str) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.environ.setdefault("WANDB_MODE", "disabled" if cfg.logger.kind == "none" else cfg.logger.mode)
-    device, precision = resolve_device(cfg)
+    env = init_distributed()
+    if env.world_size > 1 and not cfg.deepspeed.enabled:
+        raise RuntimeError(f"{env.world_size} processes need deepspeed=zero3 (deepspeed.enabled=true)")
+    device, precision = resolve_device(cfg, env)
     pipeline = PipelineDir(cfg.output_dir)
-    pipeline.initialize(cfg, resolved_yaml, overwrite=cfg.on_existing == "overwrite")
+    if env.is_main:
+        pipeline.initialize(cfg, resolved_yaml, overwrite=cfg.on_existing == "overwrite")
+    env.barrier()
     functions = stage_functions()
     parent = None
     for index, name in enumerate(cfg.stages):
         stage_dir = pipeline.stage_dir(index + 1, name)
-        stage_hash = _stage_hash(cfg, index)
-        if is_complete(stage_dir, stage_hash):
-            print(f"[{name}] complete in {stage_dir}, skipped")
-        else:
-            _run_stage(functions[name], StageContext(cfg, name, stage_dir, parent, device, precision, stage_hash))
+        ctx = StageContext(cfg, name, stage_dir, parent, device, precision, _stage_hash(cfg, index), env)
+        if is_complete(stage_dir, ctx.stage_hash):
+            log(env, f"[{name}] complete in {stage_dir}, skipped")
+        elif ctx.collective or env.is_main:
+            _run_stage(functions[name], ctx)
+        env.barrier()
         parent = stage_dir
+    if not env.is_main:
+        return pipeline.root
     if "eval" in cfg.stages:
         from factory.eval.stage import write_summary
 
@@ -75,14 +84,27 @@ def run_pipeline(cfg: PrimeConfig, resolved_yaml: str) -> Path:
     return pipeline.root
 
 
+def log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, flush=True)
+
+
 def _run_stage(fn, ctx: StageContext) -> None:
+    collective = ctx.collective
     # An incomplete stage runs again; a training stage resumes from its own checkpoints.
-    (ctx.stage_dir / "stage.json").unlink(missing_ok=True)
-    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.env.is_main:
+        (ctx.stage_dir / "stage.json").unlink(missing_ok=True)
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    if collective:
+        ctx.env.barrier()
     started = time.perf_counter()
-    print(f"[{ctx.name}] starting in {ctx.stage_dir}")
+    log(ctx.env, f"[{ctx.name}] starting in {ctx.stage_dir}")
     extra = fn(ctx) or {}
+    if collective:
+        ctx.env.barrier()
+    if not ctx.env.is_main:
+        return
     mark_complete(ctx.stage_dir, ctx.name, ctx.parent_dir, ctx.stage_hash,
-                  seconds=round(time.perf_counter() - started, 2), **extra)
+                  seconds=round(time.perf_counter() - started, 2), world_size=ctx.env.world_size, **extra)
     if not ctx.cfg.checkpoint.keep_after_stage:
         shutil.rmtree(checkpoint_root(ctx.stage_dir), ignore_errors=True)

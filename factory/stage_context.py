@@ -6,10 +6,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import contextlib
+
 import torch
 
 from factory.config.schema import PrimeConfig
+from factory.distributed.env import DistEnv
 from factory.rundir import model_dir
+
+
+TRAINING_STAGES = ("align", "distill")
 
 
 @dataclass
@@ -21,6 +27,33 @@ class StageContext:
     device: torch.device
     precision: str  # fp32 | bf16
     stage_hash: str = ""
+    env: DistEnv = DistEnv()
+    trained_state: dict | None = None  # the training stage's full state dict (rank 0)
+
+    @property
+    def collective(self) -> bool:
+        """Training stages run on every rank; the others on rank 0 alone."""
+        return self.name in TRAINING_STAGES
+
+    @property
+    def zero3(self) -> bool:
+        # Sharded loading is collective, so only stages that every rank runs use it.
+        return self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3 and self.collective
+
+    def gathered(self, params):
+        """Whole tensors of ZeRO-3 sharded parameters for the duration of the block (read only)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        from factory.distributed.engine import gathered_parameters
+
+        return gathered_parameters(params)
+
+    def sharded_loading(self):
+        if not self.zero3:
+            return contextlib.nullcontext()
+        from factory.distributed.engine import zero3_loading
+
+        return zero3_loading(self.cfg.deepspeed, self.precision)
 
     @property
     def parent_model_dir(self) -> Path:
@@ -47,14 +80,16 @@ class StageContext:
         """The original model, frozen (hybrid code path with every layer attention: identical logits)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            self.cfg.model.path, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
+        with self.sharded_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                self.cfg.model.path, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
         return model.to(self.device).eval().requires_grad_(False)
 
     def load_hybrid(self, path: Path | None = None):
         from factory.models.hqwen3 import HQwen3ForCausalLM
 
-        model = HQwen3ForCausalLM.from_pretrained(
-            path or self.parent_model_dir, dtype=torch.float32,
-            attn_implementation=self.cfg.model.attn_implementation)
+        with self.sharded_loading():
+            model = HQwen3ForCausalLM.from_pretrained(
+                path or self.parent_model_dir, dtype=torch.float32,
+                attn_implementation=self.cfg.model.attn_implementation)
         return model.to(self.device)

@@ -23,8 +23,8 @@ class Preempted(Exception):
 
 
 class CheckpointCallback:
-    def __init__(self, stage_dir: Path, engine, loader, cfg: CheckpointConfig, config_hash: str):
-        self.stage_dir, self.engine, self.loader, self.cfg = stage_dir, engine, loader, cfg
+    def __init__(self, stage_dir: Path, engine, loader, cfg: CheckpointConfig, config_hash: str, rank: int = 0):
+        self.stage_dir, self.engine, self.loader, self.cfg, self.rank = stage_dir, engine, loader, cfg, rank
         self.config_hash = config_hash
         self.requested: int | None = None
         self.last_save = time.monotonic()
@@ -43,7 +43,7 @@ class CheckpointCallback:
                                loader=self.loader.state_dict(), config_hash=self.config_hash,
                                world_size=self.engine.world_size)
         path = save_checkpoint(self.stage_dir, self.engine, trainer, self.cfg.keep_last,
-                               is_main=self.engine.is_main, barrier=self.engine.barrier)
+                               rank=self.rank, barrier=self.engine.barrier)
         self.last_save = time.monotonic()
         return path
 

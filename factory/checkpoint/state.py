@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer.json"
-RNG_STATE = "rng.pt"
+RNG_STATE = "rng-rank{rank}.pt"  # every rank has its own streams
 
 
 class ResumeRefused(RuntimeError):
@@ -86,8 +86,10 @@ def _file_sizes(path: Path) -> dict[str, int]:
     return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-def save_checkpoint(stage_dir: Path, engine, trainer: TrainerState, keep_last: int, is_main: bool = True,
+def save_checkpoint(stage_dir: Path, engine, trainer: TrainerState, keep_last: int, rank: int = 0,
                     barrier=lambda: None) -> Path:
+    """All ranks call this; rank 0 writes the trainer state and, last, COMPLETE and ``latest``."""
+    is_main = rank == 0
     root = checkpoint_root(stage_dir)
     final = root / tag_for(trainer.step)
     tmp = root / f".tmp-{tag_for(trainer.step)}"
@@ -96,10 +98,10 @@ def save_checkpoint(stage_dir: Path, engine, trainer: TrainerState, keep_last: i
         tmp.mkdir(parents=True)
     barrier()
     engine.save(tmp)
+    torch.save(rng_state(), tmp / RNG_STATE.format(rank=rank))
     barrier()
     if is_main:
         (tmp / TRAINER_STATE).write_text(json.dumps(asdict(trainer), indent=2))
-        torch.save(rng_state(), tmp / RNG_STATE)
         (tmp / COMPLETE).write_text(json.dumps(_file_sizes(tmp)))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -133,5 +135,7 @@ def load_trainer_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((Path(path) / TRAINER_STATE).read_text()))
 
 
-def restore_rng(path: Path) -> None:
-    set_rng_state(torch.load(Path(path) / RNG_STATE, weights_only=False))
+def restore_rng(path: Path, rank: int = 0) -> None:
+    """Each rank's own streams; a rank new to this checkpoint (elastic resume) reseeds from rank 0's."""
+    own = Path(path) / RNG_STATE.format(rank=rank)
+    set_rng_state(torch.load(own if own.exists() else Path(path) / RNG_STATE.format(rank=0), weights_only=False))

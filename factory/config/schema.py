@@ -116,8 +116,17 @@ class LoggerConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """ZeRO settings; with ``enabled`` every training stage runs under DeepSpeed."""
+
     enabled: bool = False
     zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -73,9 +73,8 @@ def validate_static(cfg: PrimeConfig) -> None:
     _choice("logger.kind", cfg.logger.kind, LOGGER_KINDS)
     _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _choice("launcher.kind", cfg.launcher.kind, LAUNCHER_KINDS)
-    if cfg.deepspeed.enabled:
-        raise ConfigError("deepspeed.enabled=true: the DeepSpeed engine is not in this build; "
-                          "accepted: deepspeed=none (deepspeed.enabled=false)")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; accepted: 0, 1, 2, 3")
 
 
 def _check_stages(stages: list[str]) -> None:

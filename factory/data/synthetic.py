@@ -166,17 +166,33 @@ def passkey_document(rng: random.Random, filler: Filler, length: int, max_distan
 
 
 def kv_document(rng: random.Random, filler: Filler, length: int, max_distance: int) -> str:
-    """Several key-value facts, filler, then 1-3 questions each answered in place."""
-    n_pairs = rng.randint(2, 6)
+    """Key-value facts, a filler gap, then questions each answered in place. Up to ten
+    answers a document: dense supervision is what makes a small model learn to retrieve."""
+    n_pairs = rng.randint(2, 10)
     keys = _distinct_keys(rng, n_pairs)
     values = [random_digits(rng, 4) for _ in keys]
     block = "".join(kv_fact(k, v) + "\n" for k, v in zip(keys, values)) + "\n"
-    distance = rng.randint(16, max(16, min(max_distance, length - 40 - 20 * n_pairs)))
-    prefix = rng.randint(0, max(0, length - distance - 40 - 20 * n_pairs))
-    text = (filler.take(rng, prefix) if prefix else "") + block + filler.take(rng, distance)
-    for i in rng.sample(range(n_pairs), rng.randint(1, min(3, n_pairs))):
-        text += kv_question(keys[i]) + " " + values[i] + ".\n"
-    return _with_tail(rng, filler, text + "\n", length)
+    asked = rng.sample(range(n_pairs), rng.randint(1, n_pairs))
+    questions = "".join(kv_question(keys[i]) + " " + values[i] + ".\n" for i in asked)
+    room = length - filler.count(block) - filler.count(questions) - 8
+    gap = rng.randint(16, max(16, min(max_distance, room)))
+    prefix = rng.randint(0, max(0, room - gap))
+    text = (filler.take(rng, prefix) if prefix else "") + block + filler.take(rng, gap)
+    return _with_tail(rng, filler, text + questions + "\n", length)
+
+
+def copy_document(rng: random.Random, filler: Filler, length: int, max_distance: int) -> str:
+    """A list of random keys and numbers, filler, then the same list again. Only
+    looking back can predict the repeat, so it teaches copying (induction heads)
+    with dozens of supervised tokens a document."""
+    items = [random_key(rng) if rng.random() < 0.5 else random_digits(rng, rng.randint(2, 5))
+             for _ in range(rng.randint(8, 40))]
+    listing = "List: " + " ".join(items) + ".\n\n"
+    room = length - 2 * filler.count(listing) - 8
+    gap = rng.randint(0, max(0, min(max_distance, room)))
+    prefix = rng.randint(0, max(0, room - gap))
+    text = (filler.take(rng, prefix) if prefix else "") + listing + filler.take(rng, gap)
+    return _with_tail(rng, filler, text + "Again, the " + listing, length)
 
 
 def _with_tail(rng: random.Random, filler: Filler, text: str, length: int) -> str:
@@ -184,18 +200,23 @@ def _with_tail(rng: random.Random, filler: Filler, text: str, length: int) -> st
     return text + filler.take(rng, max(0, length - filler.count(text)) + 8)
 
 
+KINDS = ("corpus", "passkey", "kv", "copy")
+_MAKERS = {"passkey": passkey_document, "kv": kv_document, "copy": copy_document}
+
+
 def training_documents(rng: random.Random, filler: Filler, n_docs: int, length: int = 512,
-                       mix: Sequence[float] = (0.5, 0.25, 0.25), max_distance: int = 480) -> list[str]:
-    """Plain-text documents of about ``length`` tokens: corpus passages, passkey and
-    key-value documents drawn with probabilities ``mix`` (corpus, passkey, kv)."""
-    return [training_document(rng, filler, length, mix, max_distance) for _ in range(n_docs)]
+                       mix: Sequence[float] = (0.5, 0.2, 0.2, 0.1), max_distance: int = 480) -> list[str]:
+    """Plain-text documents of about ``length`` tokens: corpus passages, passkey, key-value
+    and copy documents drawn with probabilities ``mix`` (in ``KINDS`` order)."""
+    return [training_document(rng, filler, rng.choices(KINDS, weights=mix)[0], length, max_distance)
+            for _ in range(n_docs)]
 
 
-def training_document(rng: random.Random, filler: Filler, length: int = 512,
-                      mix: Sequence[float] = (0.5, 0.25, 0.25), max_distance: int = 480) -> str:
-    kind = rng.choices(("corpus", "passkey", "kv"), weights=mix)[0]
-    if kind == "passkey":
-        return passkey_document(rng, filler, length, max_distance)
-    if kind == "kv":
-        return kv_document(rng, filler, length, max_distance)
-    return filler.take(rng, length + 8)
+def training_document(rng: random.Random, filler: Filler, kind: str, length: int = 512,
+                      max_distance: int = 480) -> str:
+    """One document of ``kind`` (see ``KINDS``), answers written out."""
+    if kind == "corpus":
+        return filler.take(rng, length + 8)
+    if kind not in _MAKERS:
+        raise ValueError(f"unknown document kind {kind!r}: expected one of {KINDS}")
+    return _MAKERS[kind](rng, filler, length, max_distance)

@@ -1,15 +1,13 @@
 """Distillation and alignment losses.
 
-The logit losses never hold ``[tokens x vocab]`` logits: positions are processed in tiles
-whose logits are recomputed in backward (activation checkpointing per tile), so the peak is
-one tile of logits for student and teacher.
+The logit losses never hold ``[tokens x vocab]`` logits: positions are processed in tiles,
+so the peak is one tile of logits for student and teacher.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from factory.data.packing import IGNORE_INDEX
 
@@ -26,34 +24,49 @@ def _kl_tile(h_s, h_t, w_s, w_t, labels, temperature: float, ce_weight: float) -
     return loss
 
 
-def tiled_kl_loss(student_hidden, teacher_hidden, student_head, teacher_head, labels,
+class _TiledKL(torch.autograd.Function):
+    """Loss and its gradients computed tile by tile in forward; backward only scales them.
+
+    No tile's logits outlive its iteration, and no activation checkpointing is involved, so it
+    also works when the head weights are gathered ZeRO-3 shards.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, temperature, ce_weight, tile_tokens):
+        grad_h = torch.zeros_like(h_s)
+        grad_w = torch.zeros_like(w_s) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for start in range(0, h_s.shape[0], tile_tokens):
+            sl = slice(start, start + tile_tokens)
+            with torch.enable_grad():
+                hs = h_s[sl].detach().requires_grad_()
+                ws = w_s.detach().requires_grad_(grad_w is not None)
+                loss = _kl_tile(hs, h_t[sl], ws, w_t, labels[sl], temperature, ce_weight)
+                grads = torch.autograd.grad(loss, [hs, ws] if grad_w is not None else [hs])
+            grad_h[sl] = grads[0]
+            if grad_w is not None:
+                grad_w += grads[1]
+            total += loss.detach()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, (grad_w * grad_out if grad_w is not None else None), *([None] * 6)
+
+
+def tiled_kl_loss(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight, labels,
                   temperature: float = 1.0, ce_weight: float = 0.0, tile_tokens: int = 1024) -> torch.Tensor:
     """Mean per-token forward KL (optionally mixed with CE) over positions whose label is not ignored.
 
-    hidden states ``[B, T, D]`` (teacher's without grad), heads ``[V, D]``, labels ``[B, T]``.
+    hidden states ``[B, T, D]`` (the teacher's without grad), head weights ``[V, D]`` (whole tensors:
+    under ZeRO-3 the caller gathers them), labels ``[B, T]``.
     """
     valid = labels != IGNORE_INDEX
     h_s, h_t, y = student_hidden[valid], teacher_hidden[valid].detach(), labels[valid]
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.shape[0], tile_tokens):
-        sl = slice(start, start + tile_tokens)
-        total = total + checkpoint(_kl_tile, h_s[sl], h_t[sl], student_head, teacher_head.detach(), y[sl],
-                                   temperature, ce_weight, use_reentrant=False)
-    return total / max(1, y.shape[0])
-
-
-def _ce_tile(h, w, labels):
-    return F.cross_entropy((h @ w.t()).float(), labels, reduction="sum")
-
-
-def tiled_cross_entropy(hidden, head, labels, tile_tokens: int = 1024) -> torch.Tensor:
-    """Mean next-token loss without materializing full logits."""
-    valid = labels != IGNORE_INDEX
-    h, y = hidden[valid], labels[valid]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.shape[0], tile_tokens):
-        sl = slice(start, start + tile_tokens)
-        total = total + checkpoint(_ce_tile, h[sl], head, y[sl], use_reentrant=False)
+    total = _TiledKL.apply(h_s, student_head_weight, h_t, teacher_head_weight.detach(), y,
+                           temperature, ce_weight, tile_tokens)
     return total / max(1, y.shape[0])
 
 

@@ -6,6 +6,7 @@ Single-device model code: no training logic, no process groups. Kernels come fro
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -51,8 +52,24 @@ class ShortConvolution(nn.Conv1d):
         return y
 
 
+@functools.cache
+def _fla_rms_norm_gated():
+    """fla's fused gated RMSNorm, imported on first CUDA use (the CPU path never imports fla)."""
+    from fla.modules.fused_norm_gate import rms_norm_gated
+
+    return rms_norm_gated
+
+
 class GatedRMSNorm(nn.Module):
-    """Per-head RMSNorm of the kernel output, gated by silu(g) (fla's FusedRMSNormGated)."""
+    """Per-head RMSNorm of the kernel output, gated by silu(g) (fla's FusedRMSNormGated).
+
+    On CUDA the same math runs as fla's fused Triton kernel (one pass each way, fp32 inside):
+    the pure-torch form makes ~10 fp32 passes over a ``[T, heads * dv]`` tensor forward and
+    more backward. CPU keeps the pure-torch form. ``fused_on_cuda`` (class-wide) switches the
+    CUDA path back to pure torch, e.g. to time both.
+    """
+
+    fused_on_cuda = True
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -60,6 +77,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.fused_on_cuda:
+            return _fla_rms_norm_gated()(x, gate, self.weight, None, activation="swish", eps=self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)

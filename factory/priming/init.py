@@ -77,15 +77,15 @@ def _is_converted_attention(key: str, converted: set[int]) -> bool:
     return len(parts) > 3 and parts[2].isdigit() and int(parts[2]) in converted and parts[3] == "self_attn"
 
 
-def drop_teacher_attention(hybrid):
-    """The student alone: converted layers lose their kept attention (after alignment)."""
+def drop_teacher_attention(config, state: dict):
+    """The student alone, from a hybrid's config and full state dict: converted layers lose
+    their kept attention (after alignment)."""
     from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
 
-    data = hybrid.config.to_dict()
+    data = config.to_dict()
     data.pop("auto_map", None)
     data.update(keep_teacher_attention=False)
-    student = HQwen3ForCausalLM(HQwen3Config(**data)).to(next(hybrid.parameters()).dtype)
-    state = {k: v for k, v in hybrid.state_dict().items()
-             if not _is_converted_attention(k, set(hybrid.config.linear_layers))}
-    student.load_state_dict(state, strict=True)
-    return student
+    student = HQwen3ForCausalLM(HQwen3Config(**data))
+    converted = set(config.linear_layers)
+    student.load_state_dict({k: v for k, v in state.items() if not _is_converted_attention(k, converted)})
+    return student.to(next(iter(state.values())).dtype)

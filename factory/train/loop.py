@@ -49,7 +49,7 @@ def train_loop(engine, loader, loss_fn: LossFn, total_steps: int, grad_accum: in
             loss_sum += float(loss.detach()) / grad_accum
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / grad_accum
-            state.tokens += batch["input_ids"].numel()
+            state.tokens += batch["input_ids"].numel() * engine.world_size
         lr = engine.lr
         state.grad_norm = engine.step()
         state.step, state.loss, state.lr, state.metrics = state.step + 1, loss_sum, lr, metric_sums

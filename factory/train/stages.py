@@ -47,6 +47,8 @@ def select_trainable(model, trainable: str) -> list[tuple[str, torch.nn.Paramete
 
 
 def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig, start_step: int):
+    if not ctx.env.is_main:
+        return []
     metrics = ctx.stage_dir / "metrics.jsonl"
     callbacks = [ProgressBar(ctx.name, stage_cfg.steps, start_step), MetricsLogger(metrics, stage_cfg.log_every)]
     if stage_cfg.plot:
@@ -63,7 +65,8 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
     state = StepState(total_steps=total_steps)
     path = find_resumable(ctx.stage_dir)
     if path is None:
-        truncate_metrics(ctx.stage_dir / "metrics.jsonl", 0)  # an earlier attempt that saved nothing
+        if ctx.env.is_main:
+            truncate_metrics(ctx.stage_dir / "metrics.jsonl", 0)  # an earlier attempt that saved nothing
         return state
     trainer = load_trainer_state(path)
     if trainer.config_hash != ctx.stage_hash and not ctx.cfg.checkpoint.force_resume:
@@ -71,30 +74,56 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
                             f"now {ctx.stage_hash}); use checkpoint.force_resume=true or on_existing=overwrite")
     engine.load(path)
     loader.load_state_dict(trainer.loader)
-    restore_rng(path)
-    truncate_metrics(ctx.stage_dir / "metrics.jsonl", trainer.step)
+    restore_rng(path, ctx.env.rank)
+    if ctx.env.is_main:
+        truncate_metrics(ctx.stage_dir / "metrics.jsonl", trainer.step)
     print(f"[{ctx.name}] resumed from {path.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
     state.step, state.tokens, state.elapsed = trainer.step, trainer.tokens, trainer.elapsed
     return state
+
+
+def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params):
+    if not ctx.cfg.deepspeed.enabled:
+        return LocalEngine(model, named_params, stage_cfg.optim, stage_cfg.steps, ctx.precision)
+    from factory.distributed.engine import DeepSpeedTrainEngine
+
+    # A checkpoint from another world size loads through DeepSpeed's universal format.
+    found = find_resumable(ctx.stage_dir)
+    elastic = found is not None and load_trainer_state(found).world_size != ctx.env.world_size
+    return DeepSpeedTrainEngine(model, named_params, stage_cfg, ctx.cfg.deepspeed, ctx.precision, ctx.env,
+                                load_universal=elastic)
 
 
 def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn) -> dict:
     seq_len = stage_cfg.seq_len or ctx.cfg.data.seq_len
     rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field,
                        ctx.cache_dir, ctx.cfg.data.num_proc)
-    loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed)
-    engine = LocalEngine(model, named_params, stage_cfg.optim, stage_cfg.steps, ctx.precision)
+    loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank,
+                       world_size=ctx.env.world_size)
+    engine = build_engine(ctx, stage_cfg, model, named_params)
     state = _resume(ctx, engine, loader, stage_cfg.steps)
-    checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash)
+    checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash, ctx.env.rank)
     model.train()
     state = train_loop(engine, loader, loss_fn, stage_cfg.steps, stage_cfg.grad_accum,
                        [*_callbacks(ctx, stage_cfg, state.step), checkpoints], ctx.device, state)
     model.eval()
+    ctx.trained_state = engine.full_state_dict()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
             "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}
 
 
 def _save(ctx: StageContext, model) -> None:
+    """Rank 0 writes the HF directory from the full (gathered) state dict of the stage's engine."""
+    state = ctx.trained_state
+    if not ctx.env.is_main:
+        return
+    if model.config.keep_teacher_attention:
+        model = drop_teacher_attention(model.config, state)
+    elif ctx.zero3:
+        from factory.models.hqwen3 import HQwen3ForCausalLM
+
+        model = HQwen3ForCausalLM(model.config)
+        model.load_state_dict(state)
     model.save_pretrained(ctx.out_model_dir)
     ctx.tokenizer.save_pretrained(ctx.out_model_dir)
 
@@ -124,13 +153,17 @@ def run_align(ctx: StageContext) -> dict:
     loss_fn = {"layerwise": layerwise, "pre_lm_head": pre_lm_head}[cfg.loss]
     result = run_training(ctx, cfg, model, params, loss_fn)
     model.model.set_mixer_mode("student")
-    _save(ctx, drop_teacher_attention(model))
+    _save(ctx, model)
     return result
 
 
 def load_student(ctx: StageContext):
     model = ctx.load_hybrid()
-    return drop_teacher_attention(model).to(ctx.device) if model.config.keep_teacher_attention else model
+    if not model.config.keep_teacher_attention:
+        return model
+    if ctx.zero3:
+        raise RuntimeError("under ZeRO-3, distill starts from the align stage's student; add align to the stages")
+    return drop_teacher_attention(model.config, model.state_dict()).to(ctx.device)
 
 
 def run_distill(ctx: StageContext) -> dict:
@@ -138,15 +171,23 @@ def run_distill(ctx: StageContext) -> dict:
     cfg = ctx.cfg.distill
     student = load_student(ctx)
     teacher = ctx.load_teacher()
+    if ctx.cfg.deepspeed.enabled:
+        from factory.distributed.engine import frozen_engine
+
+        teacher = frozen_engine(teacher, ctx.cfg.deepspeed, ctx.precision, cfg.batch_size)
     params = select_trainable(student, cfg.trainable)
+    if ctx.zero3 and student.lm_head.weight.requires_grad:
+        raise RuntimeError(f"distill.trainable={cfg.trainable} trains the LM head, which the tiled loss cannot do "
+                           "under ZeRO-3; use trainable=gdn or gdn+norms")
 
     def kl(batch):
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with torch.no_grad():
             target = teacher.model(**inputs).last_hidden_state
         hidden = student.model(**inputs).last_hidden_state
-        loss = tiled_kl_loss(hidden, target, student.lm_head.weight, teacher.lm_head.weight, batch["labels"],
-                             cfg.temperature, cfg.ce_weight, cfg.loss_tile_tokens)
+        with ctx.gathered([student.lm_head.weight, teacher.lm_head.weight]):
+            loss = tiled_kl_loss(hidden, target, student.lm_head.weight, teacher.lm_head.weight, batch["labels"],
+                                 cfg.temperature, cfg.ce_weight, cfg.loss_tile_tokens)
         return loss, {}
 
     result = run_training(ctx, cfg, student, params, kl)

@@ -1,0 +1,123 @@
+"""DeepSpeed engines behind the loop's engine seam (see ``factory.train.engine.LocalEngine``)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from factory.config.schema import DeepSpeedConfig, TrainStageConfig
+from factory.distributed.env import DistEnv
+from factory.distributed.zero import zero_config
+from factory.train.engine import lr_multiplier, param_groups
+
+ENGINE_TAG = "engine"  # DeepSpeed's own files live in <checkpoint>/engine/
+
+
+class DeepSpeedTrainEngine:
+    """ZeRO engine with our AdamW and schedule. DeepSpeed averages gradients over ranks,
+    accumulates over micro-batches and steps the scheduler at each accumulation boundary."""
+
+    def __init__(self, model, named_params, stage: TrainStageConfig, ds: DeepSpeedConfig, precision: str,
+                 env: DistEnv, load_universal: bool = False):
+        import deepspeed
+
+        cfg = stage.optim
+        optimizer = torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2))
+        # Built on DeepSpeed's wrapped optimizer, whose param groups may differ from ours.
+        def scheduler(wrapped):
+            return torch.optim.lr_scheduler.LambdaLR(wrapped, lambda s: lr_multiplier(s, stage.steps, cfg))
+
+        config = zero_config(ds, stage.batch_size, stage.grad_accum, precision, cfg.grad_clip or 0.0,
+                             load_universal=load_universal)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for _, p in named_params], optimizer=optimizer,
+            lr_scheduler=scheduler, config=config)
+        self.model, self.env, self.load_universal = model, env, load_universal
+        self.is_main, self.world_size = env.is_main, env.world_size
+        self._lr = cfg.lr * lr_multiplier(0, stage.steps, cfg)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed keeps bf16 parameters itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divided by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self._lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag=ENGINE_TAG, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        tag = ENGINE_TAG
+        if self.load_universal:
+            if self.is_main:
+                convert_to_universal(Path(path))
+            self.barrier()
+            tag = f"{ENGINE_TAG}_universal"
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no engine state in {path}/{tag}")
+
+    def any_rank(self, flag: bool) -> bool:
+        return self.env.any_rank(flag)
+
+    def barrier(self) -> None:
+        self.env.barrier()
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model on rank 0 (gathered one parameter group at a time), None elsewhere."""
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        return state if self.is_main else None
+
+
+def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
+    """A teacher as a second ZeRO engine without optimizer (sharded, forward only)."""
+    import deepspeed
+
+    config = zero_config(ds, micro_batch, 1, precision, 0.0, train=False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine.module
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """DeepSpeed's universal format, which any world size can load (elastic resume)."""
+    source = checkpoint / ENGINE_TAG
+    target = checkpoint / f"{ENGINE_TAG}_universal"
+    if not target.exists():
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+                        "--output_folder", str(target), "--no_strict"], check=True)
+    return target
+
+
+@contextlib.contextmanager
+def zero3_loading(ds: DeepSpeedConfig, precision: str):
+    """``from_pretrained`` inside this context builds the model sharded (``zero.Init``) and loads
+    the checkpoint shard by shard, so no rank ever holds the whole model."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    marker = HfDeepSpeedConfig(zero_config(ds, 1, 1, precision, 0.0))
+    try:
+        yield marker
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def gathered_parameters(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)

@@ -1,0 +1,44 @@
+"""Runs the tiny pipeline in each process of a torchrun launch (ZeRO over gloo on CPU).
+
+    torchrun --nproc_per_node 2 -m tests.distributed.driver '<json>'
+
+The JSON holds ``tiny_pipeline_config`` arguments and optionally ``kill_after_step``: the
+process group kills itself (SIGKILL, all ranks) right after that step's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from factory.config.schema import DeepSpeedConfig
+from tests.fixtures import tiny_pipeline_config
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    kill_after = args.pop("kill_after_step", None)
+    if kill_after is not None:
+        from factory.checkpoint import callback
+
+        original = callback.CheckpointCallback.save
+
+        def save_then_die(self, state):
+            path = original(self, state)
+            if state.step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return path
+
+        callback.CheckpointCallback.save = save_then_die
+    cfg = tiny_pipeline_config(**args)
+    cfg.deepspeed = DeepSpeedConfig(enabled=True, zero_stage=3, reduce_bucket_size=10_000,
+                                    prefetch_bucket_size=10_000, param_persistence_threshold=0)
+    from factory.pipeline import run_pipeline
+
+    run_pipeline(cfg, "")
+
+
+if __name__ == "__main__":
+    main()
