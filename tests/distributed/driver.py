@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 -m tests.distributed.driver '<json>'
 
-The JSON holds ``tiny_pipeline_config`` arguments and optionally ``kill_after_step``: the
-process group kills itself (SIGKILL, all ranks) right after that step's checkpoint.
+The JSON holds ``tiny_pipeline_config`` arguments and optionally ``kill_after_step`` (every
+rank SIGKILLs itself right after that step's checkpoint) or ``sigterm_at_step`` (rank 0 alone
+receives SIGTERM during that step, as a preempted job would).
 """
 
 from __future__ import annotations
@@ -32,12 +33,29 @@ def main() -> None:
             return path
 
         callback.CheckpointCallback.save = save_then_die
+    sigterm_at = args.pop("sigterm_at_step", None)
+    if sigterm_at is not None and os.environ.get("RANK") == "0":
+        from factory.train import loop
+
+        original_to_device, calls = loop.to_device, []
+
+        def to_device_and_signal(batch, device):
+            calls.append(1)
+            if len(calls) == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original_to_device(batch, device)
+
+        loop.to_device = to_device_and_signal
     cfg = tiny_pipeline_config(**args)
     cfg.deepspeed = DeepSpeedConfig(enabled=True, zero_stage=3, reduce_bucket_size=10_000,
                                     prefetch_bucket_size=10_000, param_persistence_threshold=0)
+    from factory.checkpoint.callback import Preempted
     from factory.pipeline import run_pipeline
 
-    run_pipeline(cfg, "")
+    try:
+        run_pipeline(cfg, "")
+    except Preempted as stop:
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":
