@@ -6,7 +6,6 @@ Single-device model code: no training logic, no process groups. Kernels come fro
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -52,14 +51,6 @@ class ShortConvolution(nn.Conv1d):
         return y
 
 
-@functools.cache
-def _fla_rms_norm_gated():
-    """fla's fused gated RMSNorm, imported on first CUDA use (the CPU path never imports fla)."""
-    from fla.modules.fused_norm_gate import rms_norm_gated
-
-    return rms_norm_gated
-
-
 class GatedRMSNorm(nn.Module):
     """Per-head RMSNorm of the kernel output, gated by silu(g) (fla's FusedRMSNormGated).
 
@@ -79,7 +70,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.fused_on_cuda:
-            return _fla_rms_norm_gated()(x, gate, self.weight, None, activation="swish", eps=self.eps)
+            from factory.ops.gated_delta_rule.fla_backend import fla_gated_rms_norm
+
+            return fla_gated_rms_norm(x, gate, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)

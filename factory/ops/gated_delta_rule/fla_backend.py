@@ -115,3 +115,12 @@ def fla_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, us
 def fla_conv(x, weight, initial_state, output_final_state, activation, cu_seqlens):
     return _fla()[1].causal_conv1d(x, weight=weight, initial_state=initial_state, output_final_state=output_final_state,
                          activation=activation, cu_seqlens=cu_seqlens)
+
+
+def fla_gated_rms_norm(x, gate, weight, eps: float):
+    """fla's fused ``rmsnorm(x) * weight * silu(gate)``."""
+    try:
+        from fla.modules.fused_norm_gate import rms_norm_gated
+    except ImportError as err:
+        raise ImportError("the fused gated RMSNorm needs flash-linear-attention") from err
+    return rms_norm_gated(x, gate, weight, None, activation="swish", eps=eps)
