@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from factory.data.packing import packed_rows
+from factory.priming.init import drop_teacher_attention
+from factory.rundir import model_dir, read_stage
 from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
 from factory.eval.retrieval import retrieval_accuracy
 from factory.stage_context import StageContext
@@ -15,6 +17,29 @@ def _retrieval(model, ctx: StageContext) -> dict:
     e = ctx.cfg.eval
     return retrieval_accuracy(model, ctx.tokenizer, e.retrieval_distances, e.retrieval_samples,
                               seed=ctx.cfg.seed, device=str(ctx.device))
+
+
+def ancestor(stage_dir: Path, stage: str) -> Path | None:
+    """The directory of an earlier stage, found through the ``parent`` links of stage.json."""
+    current = stage_dir
+    while current is not None and (Path(current) / "stage.json").exists():
+        meta = read_stage(current)
+        if meta["stage"] == stage:
+            return Path(current)
+        current = meta.get("parent")
+    return None
+
+
+def _initialized_hybrid_metrics(ctx: StageContext, teacher, rows) -> dict | None:
+    """The hybrid right after init, before any training: the floor the training stages lift."""
+    init_dir = ancestor(ctx.parent_dir, "init")
+    if init_dir is None:
+        return None
+    hybrid = ctx.load_hybrid(model_dir(init_dir))
+    if hybrid.config.keep_teacher_attention:
+        hybrid = drop_teacher_attention(hybrid.config, hybrid.state_dict()).to(ctx.device)
+    e = ctx.cfg.eval
+    return heldout_metrics(teacher, hybrid.eval(), rows, e.heldout_rows, e.batch_size, ctx.device)
 
 
 def run_eval(ctx: StageContext) -> dict:
@@ -27,6 +52,7 @@ def run_eval(ctx: StageContext) -> dict:
                        ctx.cache_dir)
     result = {
         "heldout": heldout_metrics(teacher, student, rows, e.heldout_rows, e.batch_size, ctx.device),
+        "heldout_initialized_hybrid": _initialized_hybrid_metrics(ctx, teacher, rows),
         "retrieval": {"teacher": _retrieval(teacher, ctx), "student": _retrieval(student, ctx)},
         "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
         "kv_cache_bytes_per_token": {"teacher": kv_cache_bytes_per_token(teacher.config),
@@ -40,9 +66,12 @@ def run_eval(ctx: StageContext) -> dict:
 
 
 def summary_table(result: dict, recipe: str) -> str:
-    h = result["heldout"]
-    rows = [("held-out loss", f"{h['teacher_loss']:.4f}", f"{h['student_loss']:.4f}"),
+    h, init = result["heldout"], result.get("heldout_initialized_hybrid")
+    gap = 100 * (h["student_loss"] / h["teacher_loss"] - 1)
+    rows = [("held-out loss", f"{h['teacher_loss']:.4f}", f"{h['student_loss']:.4f} ({gap:+.1f}%)"),
             ("KL(teacher || hybrid) / token", "0", f"{h['kl']:.4f}")]
+    if init:
+        rows.insert(1, ("held-out loss, hybrid before training", "", f"{init['student_loss']:.4f}"))
     for task, by_distance in result["retrieval"]["teacher"].items():
         for distance, acc in by_distance.items():
             hybrid = result["retrieval"]["student"][task][distance]
