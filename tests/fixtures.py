@@ -8,6 +8,21 @@ from pathlib import Path
 import torch
 
 CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def conversations(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append({"messages": [{"role": "system", "content": "Answer briefly."},
+                                 {"role": "user", "content": f"What is {a} plus {b}?"},
+                                 {"role": "assistant", "content": f"{a + b}."}]})
+    return out
 
 
 def _paragraphs() -> list[str]:
@@ -25,8 +40,11 @@ def make_tiny_assets(root: Path, vocab_size: int = 384, num_layers: int = 4) -> 
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(paragraphs, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = CHATML
     torch.manual_seed(0)
     teacher = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
@@ -36,7 +54,10 @@ def make_tiny_assets(root: Path, vocab_size: int = 384, num_layers: int = 4) -> 
     split = int(len(paragraphs) * 0.9)
     for name, part in (("train.jsonl", paragraphs[:split]), ("heldout.jsonl", paragraphs[split:])):
         (root / name).write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
-    return {"teacher": root / "teacher", "train": root / "train.jsonl", "heldout": root / "heldout.jsonl"}
+    for name, n, seed in (("chat.jsonl", 64, 0), ("chat_heldout.jsonl", 8, 1)):
+        (root / name).write_text("".join(json.dumps(c) + "\n" for c in conversations(n, seed)))
+    return {"teacher": root / "teacher", "train": root / "train.jsonl", "heldout": root / "heldout.jsonl",
+            "chat": root / "chat.jsonl", "chat_heldout": root / "chat_heldout.jsonl"}
 
 
 def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init", "align"), steps: int = 6,
@@ -48,9 +69,12 @@ def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init
     cfg = PrimeConfig(
         recipe="test", stages=list(stages), output_dir=str(output_dir), threads=1,
         model=ModelConfig(path=str(assets["teacher"])),
-        data=DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=64),
+        data=DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=64,
+                        chat_files=[str(assets["chat"])], chat_heldout_files=[str(assets["chat_heldout"])]),
         align=TrainStageConfig(loss="layerwise", **train), distill=TrainStageConfig(**train),
-        eval=EvalConfig(heldout_rows=4, retrieval_distances=[16], retrieval_samples=2, batch_size=2),
+        sft=TrainStageConfig(loss="ce", trainable="all", **train),
+        eval=EvalConfig(heldout_rows=4, retrieval_distances=[16], retrieval_samples=2, batch_size=2,
+                        chat_prompts=3, chat_max_new_tokens=4),
         checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))
     for key, value in overrides.items():
         section, _, field = key.partition(".")

@@ -30,6 +30,9 @@ class DataConfig:
     heldout_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/heldout.jsonl"])
     text_field: str = "text"
     seq_len: int = 512
+    chat_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/chat.jsonl"])
+    chat_heldout_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/chat_heldout.jsonl"])
+    chat_overflow: str = "truncate"  # a conversation longer than a row: truncate | drop
     cache_dir: Optional[str] = None  # default: <pipeline dir>/../.cache
     num_proc: int = 1
 
@@ -99,6 +102,8 @@ class EvalConfig:
     retrieval_distances: list[int] = field(default_factory=lambda: [32, 128, 256, 480, 1024])
     retrieval_samples: int = 32
     batch_size: int = 8
+    chat_prompts: int = 32  # held-out chat prompts whose greedy answers are compared (after sft)
+    chat_max_new_tokens: int = 24
 
 
 @dataclass
@@ -163,6 +168,7 @@ class PrimeConfig:
     init: InitConfig = field(default_factory=InitConfig)
     align: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(loss="layerwise"))
     distill: TrainStageConfig = field(default_factory=TrainStageConfig)
+    sft: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(trainable="all", loss="ce"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 TRAINABLE = ("gdn", "gdn+norms", "all")
-STAGE_LOSSES = {"align": ("layerwise", "pre_lm_head"), "distill": ("kl",)}
+STAGE_LOSSES = {"align": ("layerwise", "pre_lm_head"), "distill": ("kl",), "sft": ("ce",)}
 SCHEDULES = ("cosine", "constant")
 GATE_INITS = ("published", "random")
 QK_NORMS = ("drop", "scale")
@@ -160,9 +160,31 @@ def validate_inputs(cfg: PrimeConfig) -> None:
                           f"with one of {', '.join(WEIGHT_FILES)}")
     if cfg.select.method == "manual" and cfg.select.layers:
         _check_layer_indices(cfg.select.layers, int(model_config["num_hidden_layers"]))
-    _check_tokenizer(cfg.model.path, model_dir, int(model_config["vocab_size"]))
+    tokenizer = _check_tokenizer(cfg.model.path, model_dir, int(model_config["vocab_size"]))
     for key in ("train_files", "heldout_files"):
         _check_data_files(f"data.{key}", getattr(cfg.data, key), cfg.data.text_field)
+    if "sft" in cfg.stages:
+        _check_chat(cfg, tokenizer)
+
+
+def _check_chat(cfg: PrimeConfig, tokenizer) -> None:
+    """sft needs a chat template and readable conversations with known roles."""
+    from factory.data.chat import OVERFLOW, ChatDataError, read_conversations
+
+    _choice("data.chat_overflow", cfg.data.chat_overflow, OVERFLOW)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model.path '{cfg.model.path}': the tokenizer has no chat template, which the sft "
+                          "stage needs; accepted: a tokenizer with chat_template, or drop sft from stages")
+    for key in ("chat_files", "chat_heldout_files"):
+        files = getattr(cfg.data, key)
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing or not files:
+            raise ConfigError(f"data.{key}: file(s) {missing or files} not found; accepted: JSONL of "
+                              "{\"messages\": [{\"role\", \"content\"}]}")
+        try:
+            read_conversations(files)
+        except (ChatDataError, json.JSONDecodeError) as err:
+            raise ConfigError(f"data.{key}: {err}") from None
 
 
 def _read_model_config(name: str, model_dir: Path) -> dict:
@@ -180,7 +202,7 @@ def _read_model_config(name: str, model_dir: Path) -> dict:
     return config
 
 
-def _check_tokenizer(name: str, model_dir: Path, vocab_size: int) -> None:
+def _check_tokenizer(name: str, model_dir: Path, vocab_size: int):
     from transformers import AutoTokenizer
 
     try:
@@ -192,6 +214,7 @@ def _check_tokenizer(name: str, model_dir: Path, vocab_size: int) -> None:
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"model.path '{name}': tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {vocab_size}; the tokenizer must not exceed the model vocabulary")
+    return tokenizer
 
 
 def _check_data_files(key: str, files: list[str], text_field: str) -> None:

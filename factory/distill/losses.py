@@ -14,6 +14,8 @@ from factory.data.packing import IGNORE_INDEX
 
 def _kl_tile(h_s, h_t, w_s, w_t, labels, temperature: float, ce_weight: float) -> torch.Tensor:
     s = (h_s @ w_s.t()).float()
+    if h_t is None:  # next-token loss alone
+        return F.cross_entropy(s, labels, reduction="sum")
     t = (h_t @ w_t.t()).float()
     logp_s = F.log_softmax(s / temperature, dim=-1)
     logp_t = F.log_softmax(t / temperature, dim=-1)
@@ -41,7 +43,8 @@ class _TiledKL(torch.autograd.Function):
             with torch.enable_grad():
                 hs = h_s[sl].detach().requires_grad_()
                 ws = w_s.detach().requires_grad_(grad_w is not None)
-                loss = _kl_tile(hs, h_t[sl], ws, w_t, labels[sl], temperature, ce_weight)
+                teacher_tile = None if h_t is None else h_t[sl]
+                loss = _kl_tile(hs, teacher_tile, ws, w_t, labels[sl], temperature, ce_weight)
                 grads = torch.autograd.grad(loss, [hs, ws] if grad_w is not None else [hs])
             grad_h[sl] = grads[0]
             if grad_w is not None:
@@ -68,6 +71,13 @@ def tiled_kl_loss(student_hidden, teacher_hidden, student_head_weight, teacher_h
     total = _TiledKL.apply(h_s, student_head_weight, h_t, teacher_head_weight.detach(), y,
                            temperature, ce_weight, tile_tokens)
     return total / max(1, y.shape[0])
+
+
+def tiled_cross_entropy(hidden, head_weight, labels, tile_tokens: int = 1024) -> torch.Tensor:
+    """Mean next-token loss over positions whose label is not ignored, without full logits."""
+    valid = labels != IGNORE_INDEX
+    h, y = hidden[valid], labels[valid]
+    return _TiledKL.apply(h, head_weight, None, None, y, 1.0, 1.0, tile_tokens) / max(1, y.shape[0])
 
 
 def alignment_mse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

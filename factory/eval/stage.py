@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from factory.data.chat import read_conversations
 from factory.data.packing import packed_rows
+from factory.eval.chat import chat_agreement
 from factory.priming.init import drop_teacher_attention
 from factory.rundir import model_dir, read_stage
 from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
@@ -42,6 +44,13 @@ def _initialized_hybrid_metrics(ctx: StageContext, teacher, rows) -> dict | None
     return heldout_metrics(teacher, hybrid.eval(), rows, e.heldout_rows, e.batch_size, ctx.device)
 
 
+def _chat(ctx: StageContext, teacher, student) -> dict:
+    e = ctx.cfg.eval
+    conversations = read_conversations(ctx.cfg.data.chat_heldout_files)
+    return chat_agreement(teacher, student, ctx.tokenizer, conversations, e.chat_prompts, e.chat_max_new_tokens,
+                          ctx.device)
+
+
 def run_eval(ctx: StageContext) -> dict:
     from factory.train.stages import load_student
 
@@ -59,6 +68,7 @@ def run_eval(ctx: StageContext) -> dict:
                                      "student": kv_cache_bytes_per_token(student.config)},
         "recurrent_state_bytes_per_sequence": recurrent_state_bytes(student.config),
         "gdn_layers": student.config.linear_layers,
+        "chat": _chat(ctx, teacher, student) if "sft" in ctx.cfg.stages else None,
         "train_seq_len": ctx.cfg.data.seq_len,
     }
     (ctx.stage_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -76,6 +86,10 @@ def summary_table(result: dict, recipe: str) -> str:
         for distance, acc in by_distance.items():
             hybrid = result["retrieval"]["student"][task][distance]
             rows.append((f"{task} retrieval @ {distance} tokens", f"{acc:.2f}", f"{hybrid:.2f}"))
+    if result.get("chat"):
+        chat = result["chat"]
+        rows.append((f"chat: greedy answer = teacher's ({chat['prompts']} prompts)", "", f"{chat['matches_teacher']:.2f}"))
+        rows.append(("chat: greedy answer = reference", "", f"{chat['matches_reference']:.2f}"))
     kv = result["kv_cache_bytes_per_token"]
     rows.append(("KV-cache bytes / token (bf16)", f"{kv['teacher']:,}", f"{kv['student']:,}"))
     rows.append(("parameters", f"{result['parameters']['teacher']:,}", f"{result['parameters']['student']:,}"))

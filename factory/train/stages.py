@@ -12,8 +12,9 @@ from factory.checkpoint.callback import CheckpointCallback
 from factory.checkpoint.state import ResumeRefused, find_resumable, load_trainer_state, restore_rng
 from factory.config.schema import TrainStageConfig
 from factory.data.loader import RowLoader
-from factory.data.packing import packed_rows
-from factory.distill.losses import alignment_mse, tiled_kl_loss
+from factory.data.chat import pack_conversations, read_conversations
+from factory.data.packing import IGNORE_INDEX, PackedRows, packed_rows
+from factory.distill.losses import alignment_mse, tiled_cross_entropy, tiled_kl_loss
 from factory.priming.init import drop_teacher_attention
 from factory.stage_context import StageContext
 from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
@@ -94,10 +95,12 @@ def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
                                 load_universal=elastic)
 
 
-def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn) -> dict:
-    seq_len = stage_cfg.seq_len or ctx.cfg.data.seq_len
-    rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field,
-                       ctx.cache_dir, ctx.cfg.data.num_proc)
+def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn,
+                 rows: PackedRows | None = None) -> dict:
+    """Train on ``rows`` (default: the packed text data at the stage's row length)."""
+    if rows is None:
+        rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, stage_cfg.seq_len or ctx.cfg.data.seq_len,
+                           ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
     loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank,
                        world_size=ctx.env.world_size)
     engine = build_engine(ctx, stage_cfg, model, named_params)
@@ -193,3 +196,30 @@ def run_distill(ctx: StageContext) -> dict:
     result = run_training(ctx, cfg, student, params, kl)
     _save(ctx, student)
     return result
+
+
+def run_sft(ctx: StageContext) -> dict:
+    """Instruction tuning: next-token loss on assistant tokens of whole, packed conversations."""
+    cfg = ctx.cfg.sft
+    student = load_student(ctx)
+    params = select_trainable(student, cfg.trainable)
+    rows, stats = pack_conversations(ctx.tokenizer, read_conversations(ctx.cfg.data.chat_files),
+                                     cfg.seq_len or ctx.cfg.data.seq_len, ctx.cfg.data.chat_overflow)
+    if ctx.env.is_main:
+        print(f"[sft] {stats.conversations} conversations in {stats.rows} rows; {stats.truncated} truncated and "
+              f"{stats.dropped} dropped for exceeding the row ({ctx.cfg.data.chat_overflow})")
+
+    def next_token(batch):
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        hidden = student.model(**inputs).last_hidden_state
+        head = student.lm_head
+        if ctx.zero3 and head.weight.requires_grad:
+            # A trained, sharded head must run as a module (its hooks own the gradient): whole logits.
+            valid = batch["labels"] != IGNORE_INDEX
+            return F.cross_entropy(head(hidden[valid]).float(), batch["labels"][valid]), {}
+        with ctx.gathered([head.weight]):
+            return tiled_cross_entropy(hidden, head.weight, batch["labels"], cfg.loss_tile_tokens), {}
+
+    result = run_training(ctx, cfg, student, params, next_token, rows=rows)
+    _save(ctx, student)
+    return {**result, "conversations": stats.conversations, "truncated": stats.truncated, "dropped": stats.dropped}

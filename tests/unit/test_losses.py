@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from factory.distill.losses import tiled_kl_loss
+from factory.distill.losses import tiled_cross_entropy, tiled_kl_loss
 
 
 def full_kl(h_s, h_t, w_s, w_t, labels, temperature, ce_weight):
@@ -43,3 +43,16 @@ def test_identical_distributions_have_zero_kl_and_hidden_gets_gradient():
     assert loss.abs() < 1e-6  # identical distributions
     loss.backward()
     assert h.grad is not None
+
+
+def test_tiled_cross_entropy_matches_full_logits():
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 9), generator=gen)
+    labels[1, :4] = -100
+    got = tiled_cross_entropy(h, w, labels, tile_tokens=4)
+    want = F.cross_entropy((h @ w.t()).reshape(-1, 6), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(got.double(), want)
+    for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(want, [h, w])):
+        torch.testing.assert_close(a, b)
