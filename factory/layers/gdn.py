@@ -117,16 +117,47 @@ class GatedDeltaNet(nn.Module):
     def conv_channels(self) -> list[int]:
         return [c.in_channels for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
 
-    def _convolve(self, x: torch.Tensor, cu_seqlens, cache, seq_len: int) -> list[torch.Tensor]:
-        """q, k, v through their short convs; with a cache, the last W inputs are its conv state."""
+    def _convolve(self, x: torch.Tensor, cache, seq_len: int) -> list[torch.Tensor]:
+        """q, k, v through their short convs, the cache's conv state (the last W inputs) first."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        if cache is None:
-            return [conv(t, cu_seqlens) for conv, t in zip(convs, x)]
         mixed = torch.cat(x, dim=-1).transpose(1, 2)
         # Returns the cached history followed by these inputs; only the last W are kept.
         window = cache.update_conv_state(mixed, self.layer_idx, conv_kernel_size=self.shape.conv_size)
         parts = window.transpose(1, 2).split(self.conv_channels, dim=-1)
         return [conv(t)[:, -seq_len:] for conv, t in zip(convs, parts)]
+
+    def mix_heads(self, q, k, v, a, b, cu_seqlens=None, part: int = 0, parts: int = 1) -> torch.Tensor:
+        """Short convs and the kernel over whole rows for head block ``part`` of ``parts``.
+
+        Inputs are the pre-conv projections of that block: q ``[B, T, H/parts * dk]``, k and v of
+        its key/value heads, a and b ``[B, T, H/parts]``. Head-parallel sequence parallelism
+        runs one block per rank; ``parts=1`` is the whole layer. Returns ``[B, T, H/parts, dv]``.
+        """
+        s = self.shape
+
+        def block(conv):  # the depthwise channels of this head block (callers check divisibility)
+            rows = conv.weight.shape[0] // parts
+            return conv.weight[part * rows:(part + 1) * rows].squeeze(1)
+
+        weights = [block(c) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
+        q, k, v = (causal_conv1d(x, w, activation="silu", cu_seqlens=cu_seqlens)[0] for x, w in zip((q, k, v), weights))
+        B, T = q.shape[:2]
+        q, k = q.view(B, T, -1, s.key_head_dim), k.view(B, T, -1, s.key_head_dim)
+        v = v.view(B, T, -1, s.value_head_dim)
+        if s.qk_channel_scale:
+            q, k = q * self.q_scale, k * self.k_scale
+        heads = slice(part * s.num_query_heads // parts, (part + 1) * s.num_query_heads // parts)
+        o, _ = chunk_gated_delta_rule(
+            q, k, v, a, b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log[heads],
+            dt_bias=self.dt_bias[heads], use_beta_sigmoid_in_kernel=True, allow_neg_eigval=s.allow_neg_eigval,
+            cu_seqlens=cu_seqlens)
+        return o
+
+    def finish(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Gated per-head norm and output projection, ``o`` ``[B, T, H, dv]``."""
+        B, T = o.shape[:2]
+        gate = self.g_proj(hidden_states).view(B, T, -1, self.shape.value_head_dim)
+        return self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -141,9 +172,12 @@ class GatedDeltaNet(nn.Module):
             hidden_states = hidden_states * attention_mask[:, -hidden_states.shape[1]:, None].to(hidden_states.dtype)
         B, T, _ = hidden_states.shape
         s = self.shape
-        cached = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
         projected = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
-        q, k, v = self._convolve(projected, cu_seqlens, past_key_values, T)
+        a, b = self.a_proj(hidden_states), self.b_proj(hidden_states)
+        if past_key_values is None:
+            return self.finish(self.mix_heads(*projected, a, b, cu_seqlens), hidden_states)
+        cached = past_key_values.has_previous_state(self.layer_idx)
+        q, k, v = self._convolve(projected, past_key_values, T)
         q = q.view(B, T, -1, s.key_head_dim)
         k = k.view(B, T, -1, s.key_head_dim)
         v = v.view(B, T, -1, s.value_head_dim)
@@ -153,14 +187,9 @@ class GatedDeltaNet(nn.Module):
         kernel = recurrent_gated_delta_rule if cached and T == 1 else chunk_gated_delta_rule
         kernel_kwargs = {} if kernel is recurrent_gated_delta_rule else {"chunk_size": 64}
         o, final_state = kernel(
-            q, k, v, self.a_proj(hidden_states), self.b_proj(hidden_states),
-            initial_state=state, output_final_state=past_key_values is not None,
+            q, k, v, a, b, initial_state=state, output_final_state=True,
             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
-            use_beta_sigmoid_in_kernel=True, allow_neg_eigval=s.allow_neg_eigval, cu_seqlens=cu_seqlens,
-            **kernel_kwargs,
+            use_beta_sigmoid_in_kernel=True, allow_neg_eigval=s.allow_neg_eigval, **kernel_kwargs,
         )
-        if past_key_values is not None:
-            past_key_values.update_recurrent_state(final_state, self.layer_idx)
-        gate = self.g_proj(hidden_states).view(B, T, -1, s.value_head_dim)
-        o = self.o_norm(o, gate).reshape(B, T, -1)
-        return self.o_proj(o)
+        past_key_values.update_recurrent_state(final_state, self.layer_idx)
+        return self.finish(o, hidden_states)
