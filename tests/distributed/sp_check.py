@@ -1,0 +1,81 @@
+"""Run under torchrun with 2 processes: SP=2 must equal SP=1 for a 50% hybrid on packed rows
+(logits, loss and every gradient). Exits non-zero on any mismatch."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from factory.data.packing import IGNORE_INDEX
+from factory.distributed.sequence_parallel import SequenceParallel, SequenceParallelError
+from tests.helpers import tiny_hybrid
+
+
+def packed_batch(T: int = 24):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 101, (2, T), generator=gen)
+    positions = torch.stack([torch.cat([torch.arange(9), torch.arange(T - 9)]),
+                             torch.cat([torch.arange(5), torch.arange(11), torch.arange(T - 16)])])
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[torch.roll(positions, -1, dims=1) == 0] = IGNORE_INDEX  # no target across documents
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def loss_sum(logits, labels):
+    valid = labels != IGNORE_INDEX
+    return F.cross_entropy(logits[valid].float(), labels[valid], reduction="sum"), int(valid.sum())
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    reference = tiny_hybrid(seed=0).train()
+    reference.set_attn_implementation("sdpa")
+    model = copy.deepcopy(reference)
+    batch = packed_batch()
+
+    logits = reference(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    total, count = loss_sum(logits, batch["labels"])
+    (total / count).backward()
+
+    sp = SequenceParallel(dist.group.WORLD, world, rank)
+    sp.check(model.config, batch["input_ids"].shape[1])
+    sp.apply(model)
+    local = sp.shard(batch)
+    local_logits = model(local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
+    local_sum, local_count = loss_sum(local_logits, local["labels"])
+    loss = sp.global_mean(local_sum, local_count)
+    loss.backward()
+
+    gathered = [torch.empty_like(local_logits) for _ in range(world)]
+    dist.all_gather(gathered, local_logits.detach().contiguous())
+    torch.testing.assert_close(torch.cat(gathered, dim=1), logits.detach(), atol=1e-5, rtol=1e-4)
+    whole_loss = local_sum.detach().clone()
+    dist.all_reduce(whole_loss)
+    torch.testing.assert_close(whole_loss / count, (total / count).detach(), atol=1e-6, rtol=1e-5)
+    checked = 0
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # what data-parallel averaging does
+        torch.testing.assert_close(grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        checked += ".linear_attn." in name
+    assert checked > 0
+    for bad_len, pattern in ((23, "row length 23"),):
+        try:
+            sp.check(model.config, bad_len)
+            raise AssertionError("odd row length accepted")
+        except SequenceParallelError as err:
+            assert pattern in str(err) and "\n" not in str(err)
+    print(f"rank {rank}: SP={world} equals SP=1 (logits, loss, {sum(1 for _ in model.parameters())} gradients)")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
