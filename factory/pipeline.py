@@ -21,10 +21,10 @@ def stage_functions() -> dict:
     from factory.checkpoint.export import run_export
     from factory.eval.stage import run_eval
     from factory.priming.stages import run_init, run_select
-    from factory.train.stages import run_align, run_distill, run_sft
+    from factory.train.stages import run_align, run_distill, run_longctx, run_sft
 
     return {"select": run_select, "init": run_init, "align": run_align, "distill": run_distill,
-            "sft": run_sft, "export": run_export, "eval": run_eval}
+            "longctx": run_longctx, "sft": run_sft, "export": run_export, "eval": run_eval}
 
 
 def resolve_device(cfg: PrimeConfig, env: DistEnv) -> tuple[torch.device, str]:

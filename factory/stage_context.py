@@ -15,7 +15,7 @@ from factory.distributed.env import DistEnv
 from factory.rundir import model_dir
 
 
-TRAINING_STAGES = ("align", "distill", "sft")
+TRAINING_STAGES = ("align", "distill", "longctx", "sft")
 
 
 @dataclass

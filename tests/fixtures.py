@@ -54,16 +54,18 @@ def make_tiny_assets(root: Path, vocab_size: int = 384, num_layers: int = 4) -> 
     split = int(len(paragraphs) * 0.9)
     for name, part in (("train.jsonl", paragraphs[:split]), ("heldout.jsonl", paragraphs[split:])):
         (root / name).write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
+    long_docs = ["\n\n".join(paragraphs[i::3]) for i in range(3)]  # three long documents
+    (root / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in long_docs))
     for name, n, seed in (("chat.jsonl", 64, 0), ("chat_heldout.jsonl", 8, 1)):
         (root / name).write_text("".join(json.dumps(c) + "\n" for c in conversations(n, seed)))
     return {"teacher": root / "teacher", "train": root / "train.jsonl", "heldout": root / "heldout.jsonl",
-            "chat": root / "chat.jsonl", "chat_heldout": root / "chat_heldout.jsonl"}
+            "chat": root / "chat.jsonl", "chat_heldout": root / "chat_heldout.jsonl", "long": root / "long.jsonl"}
 
 
 def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init", "align"), steps: int = 6,
                          **overrides):
-    from factory.config.schema import (CheckpointConfig, DataConfig, EvalConfig, ModelConfig, PrimeConfig,
-                                       TrainStageConfig)
+    from factory.config.schema import (CheckpointConfig, DataConfig, EvalConfig, LongContextConfig, ModelConfig,
+                                       PrimeConfig, TrainStageConfig)
 
     train = dict(steps=steps, batch_size=2, log_every=1, plot=False)
     cfg = PrimeConfig(
@@ -73,6 +75,8 @@ def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init
                         chat_files=[str(assets["chat"])], chat_heldout_files=[str(assets["chat_heldout"])]),
         align=TrainStageConfig(loss="layerwise", **train), distill=TrainStageConfig(**train),
         sft=TrainStageConfig(loss="ce", trainable="all", **train),
+        longctx=LongContextConfig(loss="ce", trainable="gdn+norms+attention", seq_len=128, rope_theta=20000.0,
+                                  max_position_embeddings=4096, data_files=[str(assets["long"])], **train),
         eval=EvalConfig(heldout_rows=4, retrieval_distances=[16], retrieval_samples=2, batch_size=2,
                         chat_prompts=3, chat_max_new_tokens=4),
         checkpoint=CheckpointConfig(every_steps=0, every_minutes=0))

@@ -97,6 +97,18 @@ class TrainStageConfig:
 
 
 @dataclass
+class LongContextConfig(TrainStageConfig):
+    """Stage 3: longer rows, RoPE theta raised, sequence parallel across ``sp_degree`` ranks."""
+
+    seq_len: Optional[int] = 2048
+    rope_theta: float = 40_000.0  # the Qwen3-32B recipe: 5,000,000 with 131072 positions
+    max_position_embeddings: int = 8192
+    sp_degree: int = 1
+    activation_checkpointing: bool = False
+    data_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/long.jsonl"])
+
+
+@dataclass
 class EvalConfig:
     heldout_rows: int = 64
     retrieval_distances: list[int] = field(default_factory=lambda: [32, 128, 256, 480, 1024])
@@ -168,6 +180,8 @@ class PrimeConfig:
     init: InitConfig = field(default_factory=InitConfig)
     align: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(loss="layerwise"))
     distill: TrainStageConfig = field(default_factory=TrainStageConfig)
+    longctx: LongContextConfig = field(default_factory=lambda: LongContextConfig(
+        trainable="gdn+norms+attention", loss="ce"))
     sft: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(trainable="all", loss="ce"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -21,8 +21,8 @@ ON_EXISTING = ("resume", "overwrite")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-TRAINABLE = ("gdn", "gdn+norms", "all")
-STAGE_LOSSES = {"align": ("layerwise", "pre_lm_head"), "distill": ("kl",), "sft": ("ce",)}
+TRAINABLE = ("gdn", "gdn+norms", "gdn+norms+attention", "all")
+STAGE_LOSSES = {"align": ("layerwise", "pre_lm_head"), "distill": ("kl",), "longctx": ("ce",), "sft": ("ce",)}
 SCHEDULES = ("cosine", "constant")
 GATE_INITS = ("published", "random")
 QK_NORMS = ("drop", "scale")
@@ -75,6 +75,22 @@ def validate_static(cfg: PrimeConfig) -> None:
     _choice("launcher.kind", cfg.launcher.kind, LAUNCHER_KINDS)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; accepted: 0, 1, 2, 3")
+    _check_long_context(cfg)
+
+
+def _check_long_context(cfg: PrimeConfig) -> None:
+    lc = cfg.longctx
+    _positive("longctx.sp_degree", lc.sp_degree)
+    _positive("longctx.rope_theta", lc.rope_theta)
+    seq_len = lc.seq_len or cfg.data.seq_len
+    if seq_len % lc.sp_degree:
+        raise ConfigError(f"longctx.seq_len={seq_len} is not divisible by longctx.sp_degree={lc.sp_degree}")
+    if lc.max_position_embeddings < seq_len:
+        raise ConfigError(f"longctx.max_position_embeddings={lc.max_position_embeddings} is below the row "
+                          f"length {seq_len}")
+    if lc.sp_degree > 1 and "longctx" in cfg.stages and not cfg.deepspeed.enabled:
+        raise ConfigError(f"longctx.sp_degree={lc.sp_degree} needs several processes: use deepspeed=zero3 "
+                          "and launch with torchrun or SLURM")
 
 
 def _check_stages(stages: list[str]) -> None:
@@ -163,6 +179,8 @@ def validate_inputs(cfg: PrimeConfig) -> None:
     tokenizer = _check_tokenizer(cfg.model.path, model_dir, int(model_config["vocab_size"]))
     for key in ("train_files", "heldout_files"):
         _check_data_files(f"data.{key}", getattr(cfg.data, key), cfg.data.text_field)
+    if "longctx" in cfg.stages:
+        _check_data_files("longctx.data_files", cfg.longctx.data_files, cfg.data.text_field)
     if "sft" in cfg.stages:
         _check_chat(cfg, tokenizer)
 

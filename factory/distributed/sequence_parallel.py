@@ -177,3 +177,11 @@ def _register_attention(sp: SequenceParallel) -> None:
     AttentionInterface.register(ATTENTION_NAME, ulysses)
     # Masks come from the whole rows (sp.layout), not from the local slice the model sees.
     AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
+
+
+def build_sequence_parallel(rank: int, world_size: int, degree: int) -> SequenceParallel:
+    """Consecutive blocks of ``degree`` ranks form the SP groups; data parallelism runs across them."""
+    if world_size % degree:
+        raise SequenceParallelError(f"world size {world_size} is not divisible by the SP degree {degree}")
+    groups = [dist.new_group(list(range(start, start + degree))) for start in range(0, world_size, degree)]
+    return SequenceParallel(groups[rank // degree], degree, rank % degree)

@@ -46,8 +46,12 @@ class ShortConvolution(nn.Conv1d):
     def __init__(self, channels: int, kernel_size: int):
         super().__init__(channels, channels, kernel_size, groups=channels, bias=False, padding=kernel_size - 1)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        y, _ = causal_conv1d(x, self.weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, part: int = 0,
+                parts: int = 1) -> torch.Tensor:
+        """``x`` holds channel block ``part`` of ``parts`` (head-parallel sequence parallelism)."""
+        rows = self.weight.shape[0] // parts
+        weight = self.weight[part * rows:(part + 1) * rows].squeeze(1)
+        y, _ = causal_conv1d(x, weight, activation="silu", cu_seqlens=cu_seqlens)
         return y
 
 
@@ -134,13 +138,9 @@ class GatedDeltaNet(nn.Module):
         runs one block per rank; ``parts=1`` is the whole layer. Returns ``[B, T, H/parts, dv]``.
         """
         s = self.shape
-
-        def block(conv):  # the depthwise channels of this head block (callers check divisibility)
-            rows = conv.weight.shape[0] // parts
-            return conv.weight[part * rows:(part + 1) * rows].squeeze(1)
-
-        weights = [block(c) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
-        q, k, v = (causal_conv1d(x, w, activation="silu", cu_seqlens=cu_seqlens)[0] for x, w in zip((q, k, v), weights))
+        # Convs are called as modules so that sharded (ZeRO-3) weights are gathered by their hooks.
+        q, k, v = (conv(x, cu_seqlens, part, parts)
+                   for conv, x in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v)))
         B, T = q.shape[:2]
         q, k = q.view(B, T, -1, s.key_head_dim), k.view(B, T, -1, s.key_head_dim)
         v = v.view(B, T, -1, s.value_head_dim)

@@ -35,8 +35,9 @@ def to_device(batch: dict, device) -> dict:
 
 
 def train_loop(engine, loader, loss_fn: LossFn, total_steps: int, grad_accum: int,
-               callbacks: list, device, state: StepState | None = None) -> StepState:
-    """Runs from ``state.step`` to ``total_steps``; returns the final state."""
+               callbacks: list, device, state: StepState | None = None, data_parallel_size: int = 1) -> StepState:
+    """Runs from ``state.step`` to ``total_steps``; returns the final state. Tokens are counted
+    over the ``data_parallel_size`` replicas that read distinct rows."""
     state = state or StepState(total_steps=total_steps)
     start = time.perf_counter() - state.elapsed
     while state.step < total_steps:
@@ -49,7 +50,7 @@ def train_loop(engine, loader, loss_fn: LossFn, total_steps: int, grad_accum: in
             loss_sum += float(loss.detach()) / grad_accum
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / grad_accum
-            state.tokens += batch["input_ids"].numel() * engine.world_size
+            state.tokens += batch["input_ids"].numel() * data_parallel_size
         lr = engine.lr
         state.grad_norm = engine.step()
         state.step, state.loss, state.lr, state.metrics = state.step + 1, loss_sum, lr, metric_sums

@@ -21,7 +21,7 @@ from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbL
 from factory.train.engine import LocalEngine
 from factory.train.loop import StepState, train_loop
 
-TRAINABLE_SETS = ("gdn", "gdn+norms", "all")
+TRAINABLE_SETS = ("gdn", "gdn+norms", "gdn+norms+attention", "all")
 
 
 
@@ -41,7 +41,9 @@ def select_trainable(model, trainable: str) -> list[tuple[str, torch.nn.Paramete
         if _kept_teacher_attention(name, converted):
             continue
         gdn = ".linear_attn." in name
-        if trainable == "all" or gdn or (trainable == "gdn+norms" and "norm" in name):
+        norm = trainable.startswith("gdn+norms") and "norm" in name
+        attention = trainable == "gdn+norms+attention" and ".self_attn." in name
+        if trainable == "all" or gdn or norm or attention:
             p.requires_grad_(True)
             chosen.append((name, p))
     return chosen
@@ -96,19 +98,21 @@ def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
 
 
 def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn,
-                 rows: PackedRows | None = None) -> dict:
-    """Train on ``rows`` (default: the packed text data at the stage's row length)."""
+                 rows: PackedRows | None = None, sp_degree: int = 1) -> dict:
+    """Train on ``rows`` (default: the packed text data at the stage's row length). With sequence
+    parallelism the ranks of one SP group read the same rows and split them in ``loss_fn``."""
     if rows is None:
         rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, stage_cfg.seq_len or ctx.cfg.data.seq_len,
                            ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
-    loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank,
-                       world_size=ctx.env.world_size)
+    loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank // sp_degree,
+                       world_size=ctx.env.world_size // sp_degree)
     engine = build_engine(ctx, stage_cfg, model, named_params)
     state = _resume(ctx, engine, loader, stage_cfg.steps)
     checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash, ctx.env.rank)
     model.train()
     state = train_loop(engine, loader, loss_fn, stage_cfg.steps, stage_cfg.grad_accum,
-                       [*_callbacks(ctx, stage_cfg, state.step), checkpoints], ctx.device, state)
+                       [*_callbacks(ctx, stage_cfg, state.step), checkpoints], ctx.device, state,
+                       data_parallel_size=ctx.env.world_size // sp_degree)
     model.eval()
     ctx.trained_state = engine.full_state_dict()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
@@ -198,6 +202,64 @@ def run_distill(ctx: StageContext) -> dict:
     return result
 
 
+def next_token_sum(ctx: StageContext, model, batch: dict, tile_tokens: int) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the batch's labelled positions, and their count."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    hidden = model.model(**inputs).last_hidden_state
+    labels = batch["labels"]
+    count = int((labels != IGNORE_INDEX).sum())
+    head = model.lm_head
+    if ctx.zero3 and head.weight.requires_grad:
+        # A trained, sharded head must run as a module (its hooks own the gradient): whole logits.
+        valid = labels != IGNORE_INDEX
+        return F.cross_entropy(head(hidden[valid]).float(), labels[valid], reduction="sum"), count
+    with ctx.gathered([head.weight]):
+        return tiled_cross_entropy(hidden, head.weight, labels, tile_tokens) * count, count
+
+
+def extend_context(model, rope_theta: float, max_positions: int) -> None:
+    """New RoPE base and position limit; the rotary tables are rebuilt from the config."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    model.config.rope_parameters = {**(model.config.rope_parameters or {}), "rope_theta": rope_theta}
+    model.config.max_position_embeddings = max_positions
+    device = next(model.parameters()).device
+    model.model.rotary_emb = Qwen3RotaryEmbedding(config=model.config).to(device)
+
+
+def run_longctx(ctx: StageContext) -> dict:
+    """Stage 3: longer rows with a larger RoPE base; sequence parallel when ``sp_degree`` > 1."""
+    cfg = ctx.cfg.longctx
+    student = load_student(ctx)
+    extend_context(student, cfg.rope_theta, cfg.max_position_embeddings)
+    seq_len = cfg.seq_len or ctx.cfg.data.seq_len
+    sp = None
+    if cfg.sp_degree > 1:
+        from factory.distributed.sequence_parallel import build_sequence_parallel
+
+        sp = build_sequence_parallel(ctx.env.rank, ctx.env.world_size, cfg.sp_degree)
+        sp.check(student.config, seq_len)
+        sp.apply(student)
+    if cfg.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = select_trainable(student, cfg.trainable)
+    rows = packed_rows(cfg.data_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field, ctx.cache_dir,
+                       ctx.cfg.data.num_proc)
+
+    def next_token(batch):
+        if sp is None:
+            total, count = next_token_sum(ctx, student, batch, cfg.loss_tile_tokens)
+            return total / max(1, count), {}
+        total, count = next_token_sum(ctx, student, sp.shard(batch), cfg.loss_tile_tokens)
+        return sp.global_mean(total, count), {}
+
+    result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp_degree=cfg.sp_degree)
+    if sp is not None:
+        student.set_attn_implementation(ctx.cfg.model.attn_implementation)
+    _save(ctx, student)
+    return {**result, "seq_len": seq_len, "rope_theta": cfg.rope_theta, "sp_degree": cfg.sp_degree}
+
+
 def run_sft(ctx: StageContext) -> dict:
     """Instruction tuning: next-token loss on assistant tokens of whole, packed conversations."""
     cfg = ctx.cfg.sft
@@ -210,15 +272,8 @@ def run_sft(ctx: StageContext) -> dict:
               f"{stats.dropped} dropped for exceeding the row ({ctx.cfg.data.chat_overflow})")
 
     def next_token(batch):
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        hidden = student.model(**inputs).last_hidden_state
-        head = student.lm_head
-        if ctx.zero3 and head.weight.requires_grad:
-            # A trained, sharded head must run as a module (its hooks own the gradient): whole logits.
-            valid = batch["labels"] != IGNORE_INDEX
-            return F.cross_entropy(head(hidden[valid]).float(), batch["labels"][valid]), {}
-        with ctx.gathered([head.weight]):
-            return tiled_cross_entropy(hidden, head.weight, batch["labels"], cfg.loss_tile_tokens), {}
+        total, count = next_token_sum(ctx, student, batch, cfg.loss_tile_tokens)
+        return total / max(1, count), {}
 
     result = run_training(ctx, cfg, student, params, next_token, rows=rows)
     _save(ctx, student)

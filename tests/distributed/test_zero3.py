@@ -106,3 +106,15 @@ def test_changed_config_resume_is_refused(assets, tmp_path):
                      **checkpointed(**{"seed": 7}))
     assert refused.returncode != 0
     assert "made by a different config" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_longctx_with_sequence_parallelism_under_zero3(assets, tmp_path):
+    out = tmp_path / "run"
+    result = launch(2, assets=assets, output_dir=str(out), stages=["select", "init", "align", "longctx"], steps=2,
+                    **{"longctx.sp_degree": 2})
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "04-longctx" / "stage.json").read_text())
+    assert meta["sp_degree"] == 2 and meta["seq_len"] == 128
+    assert meta["tokens"] == 2 * 2 * 128  # one data-parallel replica: 2 steps x 2 rows x 128 tokens
+    config = json.loads((out / "04-longctx" / "model" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 20000.0
