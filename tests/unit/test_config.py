@@ -48,7 +48,8 @@ def inputs(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", ["t1 t2 t3", "t4 t5"])
     heldout = write_jsonl(tmp_path / "heldout.jsonl", ["t6 t7"])
     return ["+recipe=gdn_50pct", f"model.path='{model}'", f"data.train_files=['{train}']",
-            f"data.heldout_files=['{heldout}']", f"output_dir='{tmp_path / 'run'}'"]
+            f"data.heldout_files=['{heldout}']", f"output_dir='{tmp_path / 'run'}'",
+            "stages=[select,init,align,distill,export,eval]"]
 
 
 def refused(check, cfg, *fragments):
@@ -165,6 +166,10 @@ def test_ratio_outside_open_interval(ratio):
     ("logger.kind=tensorboard", ["'tensorboard'", "none, wandb"]),
     ("logger.mode=cloud", ["'cloud'", "offline, online"]),
     ("deepspeed.zero_stage=4", ["deepspeed.zero_stage=4", "0, 1, 2, 3"]),
+    ("longctx.sp_degree=3", ["longctx.seq_len=2048 is not divisible by longctx.sp_degree=3"]),
+    ("longctx.max_position_embeddings=1024", ["longctx.max_position_embeddings=1024", "below the row length"]),
+    ("longctx.trainable=mlp", ["'mlp'", "gdn+norms+attention"]),
+    ("data.chat_overflow=wrap", None),  # checked with the inputs (sft only)
 ])
 def test_static_values_are_checked(override, fragments):
     cfg, _ = compose(["+recipe=gdn_50pct", override])
@@ -255,3 +260,35 @@ def test_foreign_output_dir_is_never_adopted(inputs, tmp_path):
     check_pipeline_dir(cfg)  # empty: fine
     (Path(cfg.output_dir) / "notes.txt").write_text("mine")
     refused(check_pipeline_dir, cfg, "is not a pipeline directory")
+
+
+def test_sequence_parallel_needs_several_processes():
+    cfg, _ = compose(["+recipe=gdn_50pct", "stages=[select,init,align,longctx]", "longctx.sp_degree=2"])
+    refused(validate_static, cfg, "longctx.sp_degree=2 needs several processes", "deepspeed=zero3")
+    cfg, _ = compose(["+recipe=gdn_50pct", "stages=[select,init,align,longctx]", "longctx.sp_degree=2",
+                      "deepspeed=zero3"])
+    validate_static(cfg)
+
+
+def write_chat(path: Path, role="assistant") -> Path:
+    record = {"messages": [{"role": "user", "content": "t1"}, {"role": role, "content": "t2"}]}
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def test_sft_needs_chat_template_known_roles_and_overflow_policy(inputs, tmp_path):
+    chat = write_chat(tmp_path / "chat.jsonl")
+    sft = [*inputs, "stages=[select,init,align,distill,sft,export,eval]", f"data.chat_files=['{chat}']",
+           f"data.chat_heldout_files=['{chat}']"]
+    cfg, _ = compose(sft)
+    refused(validate_inputs, cfg, "no chat template", "drop sft from stages")
+    model = Path(cfg.model.path)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    validate_inputs(compose(sft)[0])
+    robot = write_chat(tmp_path / "robot.jsonl", role="robot")
+    refused(validate_inputs, compose([*sft, f"data.chat_files=['{robot}']"])[0], "role 'robot'", "accepted")
+    refused(validate_inputs, compose([*sft, "data.chat_overflow=wrap"])[0], "'wrap'", "truncate, drop")
+    gone = tmp_path / "gone.jsonl"
+    refused(validate_inputs, compose([*sft, f"data.chat_heldout_files=['{gone}']"])[0], "not found")
