@@ -1,0 +1,86 @@
+"""The main job from the command line on the embedded teacher: a shortened gdn_50pct run, its
+artifacts, the quality bound, a fresh-process load of the export, and a rerun that skips."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+# Fewer steps than the demo: the bound checked here is looser than docs/QUALITY.md's.
+SHORT = ["align.steps=60", "distill.steps=80", "longctx.steps=4", "longctx.seq_len=1024", "sft.steps=10",
+         "eval.retrieval_samples=8", "eval.retrieval_distances=[64,256,1024]", "eval.heldout_rows=32",
+         "eval.chat_prompts=8", "threads=2"]
+STAGES = ["select", "init", "align", "distill", "longctx", "sft", "export", "eval"]
+
+
+def prime(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "factory.prime", "+recipe=gdn_50pct", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prime") / "run"
+    result = prime(f"output_dir={out}", *SHORT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+def test_every_stage_completes_and_describes_itself(run):
+    out, result = run
+    for index, stage in enumerate(STAGES, 1):
+        meta = json.loads((out / f"{index:02d}-{stage}" / "stage.json").read_text())
+        assert meta["complete"] and meta["stage"] == stage
+    assert (out / "01-select" / "selection.png").exists()
+    assert (out / "03-align" / "loss.png").exists() and (out / "04-distill" / "metrics.jsonl").exists()
+    card = (out / "07-export" / "model" / "README.md").read_text()
+    assert "linear_attention" not in card and "GDN" in card and "distill" in card
+    assert "| held-out loss" in (out / "summary.md").read_text()
+    assert "Primed hybrid vs teacher" in result.stdout
+
+
+def test_primed_hybrid_recovers_the_teacher(run):
+    out, _ = run
+    result = json.loads((out / "summary.json").read_text())
+    teacher, hybrid = result["heldout"]["teacher_loss"], result["heldout"]["student_loss"]
+    initialized = result["heldout_initialized_hybrid"]["student_loss"]
+    assert hybrid <= 1.10 * teacher, (hybrid, teacher)
+    assert hybrid - teacher < 0.5 * (initialized - teacher), (hybrid, initialized, teacher)
+    assert result["kv_cache_bytes_per_token"]["student"] == result["kv_cache_bytes_per_token"]["teacher"] // 2
+
+
+def test_export_loads_and_generates_in_a_fresh_process_without_factory(run):
+    out, _ = run
+    model_dir = out / "07-export" / "model"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["factory"] = None  # the export must not need this package
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        ids = tok("The pass key is", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 6 or tok.eos_token_id in out[0].tolist()
+        print(type(model).__name__, model.config.layer_types.count("linear_attention"))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=model_dir, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["HQwen3ForCausalLM", "4"]
+
+
+def test_rerun_skips_complete_stages(run):
+    out, _ = run
+    again = prime(f"output_dir={out}", *SHORT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(STAGES)
