@@ -83,14 +83,18 @@ def _chunk_core(q, k, v, g, beta, state, chunk_size):
     solved = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
     w, u = solved[..., :K], solved[..., K:]
     intra = (q @ k.transpose(-1, -2)) * decay
-    out = torch.empty(B, H, T // C, C, V, dtype=q.dtype, device=q.device)
-    for i in range(T // C):
-        v_new = u[:, :, i] - w[:, :, i] @ state
-        out[:, :, i] = (q[:, :, i] * g[:, :, i, :, None].exp()) @ state + intra[:, :, i] @ v_new
-        g_last = g[:, :, i, -1, None, None]
-        k_tail = k[:, :, i] * (g_last[..., 0] - g[:, :, i]).exp().unsqueeze(-1)
-        state = state * g_last.exp() + k_tail.transpose(-1, -2) @ v_new
-    return out.reshape(B, H, T, V), state
+    q_decayed = q * g.exp().unsqueeze(-1)
+    g_last = g[..., -1:]  # [B, H, N, 1]
+    k_tail = k * (g_last - g).exp().unsqueeze(-1)
+    # unbind once per tensor: per-chunk indexing would cost a full-size zero-filled gradient each
+    chunks = zip(u.unbind(2), w.unbind(2), q_decayed.unbind(2), intra.unbind(2), k_tail.unbind(2),
+                 g_last.exp().unbind(2))
+    outs = []
+    for u_i, w_i, q_i, intra_i, k_i, decay_i in chunks:
+        v_new = u_i - w_i @ state
+        outs.append(q_i @ state + intra_i @ v_new)
+        state = state * decay_i.unsqueeze(-1) + k_i.transpose(-1, -2) @ v_new
+    return torch.stack(outs, dim=2).reshape(B, H, T, V), state
 
 
 def _recurrent_core(q, k, v, g, beta, state):
