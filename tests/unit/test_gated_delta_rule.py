@@ -144,3 +144,14 @@ def test_head_counts_that_do_not_divide_are_rejected():
     q, k, v, g, beta, _ = make_inputs(8, H=6, HK=4, requires_grad=False)
     with pytest.raises(ValueError, match="not a multiple"):
         chunk_gated_delta_rule(q, k, v, g, beta)
+
+
+def test_packed_conv_without_states_equals_each_document_alone():
+    gen = torch.Generator().manual_seed(4)
+    lengths = [1, 6, 2, 11]
+    x = torch.randn(1, sum(lengths), 5, generator=gen)
+    w = torch.randn(5, 4, generator=gen)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    packed, _ = causal_conv1d(x, w, cu_seqlens=cu)
+    alone = torch.cat([causal_conv1d(x[:, s:e], w)[0] for s, e in zip(cu[:-1], cu[1:])], dim=1)
+    torch.testing.assert_close(packed, alone)

@@ -64,8 +64,13 @@ def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
     return [t.transpose(1, 2) for t in (q, k, v)] + [g.float().transpose(1, 2), beta.float().transpose(1, 2)]
 
 
-def _chunk_core(q, k, v, g, beta, state, chunk_size):
-    """Chunked (WY) form on ``[B, H, T, D]`` fp32 tensors with T a multiple of ``chunk_size``."""
+def _chunk_core(q, k, v, g, beta, state, chunk_size, doc_starts=None):
+    """Chunked (WY) form on ``[B, H, T, D]`` fp32 tensors with T a multiple of ``chunk_size``.
+
+    ``doc_starts`` (packed rows, B = 1): chunk index -> document index for chunks that begin a
+    document; the state restarts there from that document's row of ``state`` (``[N, H, K, V]``),
+    and the returned state holds each document's final state.
+    """
     B, H, T, K = k.shape
     V = v.shape[-1]
     C = chunk_size
@@ -89,11 +94,18 @@ def _chunk_core(q, k, v, g, beta, state, chunk_size):
     # unbind once per tensor: per-chunk indexing would cost a full-size zero-filled gradient each
     chunks = zip(u.unbind(2), w.unbind(2), q_decayed.unbind(2), intra.unbind(2), k_tail.unbind(2),
                  g_last.exp().unbind(2))
-    outs = []
-    for u_i, w_i, q_i, intra_i, k_i, decay_i in chunks:
+    outs, initial, finals, doc = [], state, [], None
+    for i, (u_i, w_i, q_i, intra_i, k_i, decay_i) in enumerate(chunks):
+        if doc_starts is not None and i in doc_starts:
+            if doc is not None:
+                finals.append(state)
+            doc = doc_starts[i]
+            state = initial[doc:doc + 1]
         v_new = u_i - w_i @ state
         outs.append(q_i @ state + intra_i @ v_new)
         state = state * decay_i.unsqueeze(-1) + k_i.transpose(-1, -2) @ v_new
+    if doc_starts is not None:
+        state = torch.cat(finals + [state], dim=0)
     return torch.stack(outs, dim=2).reshape(B, H, T, V), state
 
 
@@ -128,11 +140,42 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     return o.to(out_dtype), (state if output_final_state else None)
 
 
+def _chunk_aligned_layout(cu_seqlens: torch.Tensor, chunk_size: int):
+    """Each packed document padded to whole chunks: positions of the real tokens in the padded row,
+    its length, and chunk index -> document index for chunks that start a document."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    padded = [-(-n // chunk_size) * chunk_size for n in lengths]
+    offsets = [0]
+    for p in padded[:-1]:
+        offsets.append(offsets[-1] + p)
+    index = torch.cat([torch.arange(n) + o for n, o in zip(lengths, offsets)]).to(cu_seqlens.device)
+    return index, sum(padded), {o // chunk_size: j for j, o in enumerate(offsets)}
+
+
+def _packed_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, C):
+    """Packed rows without padding every document to the longest: documents are aligned to chunk
+    boundaries in one row and the state restarts at each (zero padding is inert)."""
+    if q.shape[0] != 1:
+        raise ValueError(f"packed rows need batch size 1 with cu_seqlens, got {q.shape[0]}")
+    index, total, starts = _chunk_aligned_layout(cu_seqlens, C)
+    out_dtype = v.dtype
+    q, k, v, g, beta = (t.new_zeros(1, total, *t.shape[2:]).index_copy(1, index, t) for t in (q, k, v, g, beta))
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
+    N, H, K, V = len(cu_seqlens) - 1, k.shape[1], k.shape[-1], v.shape[-1]
+    state = k.new_zeros(N, H, K, V) if initial_state is None else initial_state.float()
+    o, state = _chunk_core(q, k, v, g, beta, state, C, doc_starts=starts)
+    o = o.transpose(1, 2).index_select(1, index)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
 def naive_chunk_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_size: int = 64,
 ):
     """Chunked reference for training and prefill. Returns ``(o, final_state or None)``."""
+    if cu_seqlens is not None:
+        return _packed_chunk(q, k, v, g, beta, scale, initial_state, output_final_state,
+                             use_qk_l2norm_in_kernel, cu_seqlens, chunk_size)
     T = q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     pad = (-T) % chunk_size
 
@@ -163,6 +206,8 @@ def naive_causal_conv1d(
     """Depthwise causal conv. x ``[B, T, D]``, weight ``[D, W]``, state ``[N, D, W]`` (fla's layout:
     the last W inputs, oldest first). Packed rows (``cu_seqlens``, B=1) restart from zeros."""
     lengths = None
+    if cu_seqlens is not None and initial_state is None and not output_final_state:
+        return _packed_conv(x, weight, activation, cu_seqlens)
     if cu_seqlens is not None:
         x, lengths = _to_padded(x, cu_seqlens)
     B, T, D = x.shape
@@ -182,3 +227,18 @@ def naive_causal_conv1d(
     if lengths is not None:
         y = _from_padded(y, lengths)
     return y, final
+
+
+def _packed_conv(x, weight, activation, cu_seqlens):
+    """Packed rows in one pass: tap ``s`` sees ``x[t - s]`` only where that stays in t's document."""
+    T, W = x.shape[1], weight.shape[-1]
+    starts = torch.zeros(T, dtype=torch.long, device=x.device)
+    starts[cu_seqlens[:-1].long()] = 1
+    positions = torch.arange(T, device=x.device)
+    offset = positions - torch.where(starts.bool(), positions, 0).cummax(0).values  # position in its document
+    w = weight.to(x.dtype)
+    y = x * w[:, -1]
+    for shift in range(1, W):
+        shifted = F.pad(x, (0, 0, shift, 0))[:, :T]
+        y = y + shifted * (offset >= shift).to(x.dtype)[None, :, None] * w[:, W - 1 - shift]
+    return (F.silu(y) if activation in ("silu", "swish") else y), None
