@@ -32,12 +32,11 @@ def ancestor(stage_dir: Path, stage: str) -> Path | None:
     return None
 
 
-def _initialized_hybrid_metrics(ctx: StageContext, teacher, rows) -> dict | None:
-    """The hybrid right after init, before any training: the floor the training stages lift."""
-    init_dir = ancestor(ctx.parent_dir, "init")
-    if init_dir is None:
+def _stage_model_metrics(ctx: StageContext, teacher, rows, stage_dir: Path | None) -> dict | None:
+    """Held-out metrics of an earlier stage's model (e.g. right after init: the floor training lifts)."""
+    if stage_dir is None:
         return None
-    hybrid = ctx.load_hybrid(model_dir(init_dir))
+    hybrid = ctx.load_hybrid(model_dir(stage_dir))
     if hybrid.config.keep_teacher_attention:
         hybrid = drop_teacher_attention(hybrid.config, hybrid.state_dict()).to(ctx.device)
     e = ctx.cfg.eval
@@ -51,6 +50,12 @@ def _chat(ctx: StageContext, teacher, student) -> dict:
                           ctx.device)
 
 
+def _before_sft(stage_dir: Path) -> Path | None:
+    """The model instruction tuning started from: primed, not yet tuned towards chat."""
+    sft = ancestor(stage_dir, "sft")
+    return Path(read_stage(sft)["parent"]) if sft is not None else None
+
+
 def run_eval(ctx: StageContext) -> dict:
     from factory.train.stages import load_student
 
@@ -61,7 +66,8 @@ def run_eval(ctx: StageContext) -> dict:
                        ctx.cache_dir)
     result = {
         "heldout": heldout_metrics(teacher, student, rows, e.heldout_rows, e.batch_size, ctx.device),
-        "heldout_initialized_hybrid": _initialized_hybrid_metrics(ctx, teacher, rows),
+        "heldout_initialized_hybrid": _stage_model_metrics(ctx, teacher, rows, ancestor(ctx.parent_dir, "init")),
+        "heldout_before_sft": _stage_model_metrics(ctx, teacher, rows, _before_sft(ctx.parent_dir)),
         "retrieval": {"teacher": _retrieval(teacher, ctx), "student": _retrieval(student, ctx)},
         "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
         "kv_cache_bytes_per_token": {"teacher": kv_cache_bytes_per_token(teacher.config),
@@ -82,6 +88,11 @@ def summary_table(result: dict, recipe: str) -> str:
             ("KL(teacher || hybrid) / token", "0", f"{h['kl']:.4f}")]
     if init:
         rows.insert(1, ("held-out loss, hybrid before training", "", f"{init['student_loss']:.4f}"))
+    before_sft = result.get("heldout_before_sft")
+    if before_sft:
+        gap_before = 100 * (before_sft["student_loss"] / h["teacher_loss"] - 1)
+        rows.insert(1, ("held-out loss, primed before sft", "", f"{before_sft['student_loss']:.4f} ({gap_before:+.1f}%)"))
+        rows.insert(3 if init else 2, ("KL / token, primed before sft", "", f"{before_sft['kl']:.4f}"))
     for task, by_distance in result["retrieval"]["teacher"].items():
         for distance, acc in by_distance.items():
             hybrid = result["retrieval"]["student"][task][distance]

@@ -52,10 +52,12 @@ def test_every_stage_completes_and_describes_itself(run):
 def test_primed_hybrid_recovers_the_teacher(run):
     out, _ = run
     result = json.loads((out / "summary.json").read_text())
-    teacher, hybrid = result["heldout"]["teacher_loss"], result["heldout"]["student_loss"]
+    teacher, final = result["heldout"]["teacher_loss"], result["heldout"]["student_loss"]
+    primed = result["heldout_before_sft"]["student_loss"]
     initialized = result["heldout_initialized_hybrid"]["student_loss"]
-    assert hybrid <= 1.10 * teacher, (hybrid, teacher)
-    assert hybrid - teacher < 0.5 * (initialized - teacher), (hybrid, initialized, teacher)
+    assert primed <= 1.05 * teacher, (primed, teacher)
+    assert primed - teacher < 0.5 * (initialized - teacher), (primed, initialized, teacher)
+    assert final <= 1.10 * teacher, (final, teacher)  # instruction tuning moves it off the text distribution
     assert result["kv_cache_bytes_per_token"]["student"] == result["kv_cache_bytes_per_token"]["teacher"] // 2
 
 
