@@ -68,6 +68,7 @@ def test_exact_resume_after_kill_9(assets, straight, tmp_path):
     killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
                     **checkpointed())
     assert killed.returncode != 0 and not (out / "03-align" / "stage.json").exists()
+    assert (out / "03-align" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
     resumed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, **checkpointed())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint-00000002" in resumed.stdout
@@ -79,10 +80,12 @@ def test_elastic_resume_two_ranks_to_one(assets, straight, tmp_path):
     out = tmp_path / "run"
     killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, kill_after_step=2,
                     **checkpointed())
-    assert killed.returncode != 0
+    checkpoint = out / "03-align" / "checkpoints" / "checkpoint-00000002"
+    assert killed.returncode != 0 and (checkpoint / "COMPLETE").exists(), killed.stderr[-3000:]
     resumed = launch(1, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, **checkpointed())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (out / "03-align" / "checkpoints" / "checkpoint-00000002" / "engine_universal").exists()
+    assert "resumed from checkpoint-00000002" in resumed.stdout, resumed.stdout[-3000:]
+    assert (checkpoint / "engine_universal").exists()
     after, reference = losses(out, "03-align"), losses(straight, "03-align")
     assert sorted(after) == [1, 2, 3, 4]
     for step in (3, 4):  # another world size sees other batches: close, not equal

@@ -71,7 +71,8 @@ def test_recipes_are_discovered():
 def test_every_model_and_recipe_composes_and_validates(model, recipe):
     cfg, yaml = compose([f"+recipe={recipe}", f"model={model}"])
     validate_static(cfg)
-    assert cfg.recipe == recipe and cfg.stages == ["select", "init", "align", "distill", "export", "eval"]
+    assert cfg.recipe == recipe
+    assert cfg.stages == ["select", "init", "align", "distill", "longctx", "sft", "export", "eval"]
     assert cfg.select.ratio == int(recipe[4:6]) / 100
     assert (cfg.align.loss, cfg.distill.loss) == ("layerwise", "kl")
     assert "${" not in yaml and f"recipe: {recipe}" in yaml
