@@ -127,9 +127,11 @@ def test_bad_metric_is_one_line(inputs):
         select_layers(SelectConfig(method="swa_proxy", metric="mse", **FAST), LAYERS, inputs)
 
 
-def test_loss_metric_runs(crucial_inputs):
+def test_loss_metric_sees_only_the_layer_that_matters(crucial_inputs):
+    # On a random teacher the loss change of the crucial layer may have either sign; the layers
+    # without attention output must all score exactly alike.
     sel = select_layers(SelectConfig(method="swa_proxy", metric="loss", ratio=0.75, **FAST), LAYERS, crucial_inputs)
-    assert sel.gdn_layers == [0, 1, 3]
+    assert sel.scores[0] == sel.scores[1] == sel.scores[3] != sel.scores[2]
 
 
 def test_pipeline_select_stage_states_its_share_of_priming(assets, tmp_path):
