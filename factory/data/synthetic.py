@@ -168,7 +168,7 @@ def passkey_document(rng: random.Random, filler: Filler, length: int, max_distan
 def kv_document(rng: random.Random, filler: Filler, length: int, max_distance: int) -> str:
     """Key-value facts, a filler gap, then questions each answered in place. Up to ten
     answers a document: dense supervision is what makes a small model learn to retrieve."""
-    n_pairs = rng.randint(2, 10)
+    n_pairs = rng.randint(2, max(2, min(10, length // 48)))  # what fits the length
     keys = _distinct_keys(rng, n_pairs)
     values = [random_digits(rng, 4) for _ in keys]
     block = "".join(kv_fact(k, v) + "\n" for k, v in zip(keys, values)) + "\n"
@@ -186,7 +186,7 @@ def copy_document(rng: random.Random, filler: Filler, length: int, max_distance:
     looking back can predict the repeat, so it teaches copying (induction heads)
     with dozens of supervised tokens a document."""
     items = [random_key(rng) if rng.random() < 0.5 else random_digits(rng, rng.randint(2, 5))
-             for _ in range(rng.randint(8, 40))]
+             for _ in range(rng.randint(4, max(4, min(40, length // 12))))]
     listing = "List: " + " ".join(items) + ".\n\n"
     room = length - 2 * filler.count(listing) - 8
     gap = rng.randint(0, max(0, min(max_distance, room)))
