@@ -117,7 +117,7 @@ def test_guard_raises_loudly_when_the_self_check_fails(monkeypatch):
     monkeypatch.setattr(chunk_o, "IS_NVIDIA_HOPPER", True)
     monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_4_0", True)
     monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
-    monkeypatch.setattr(fla_backend, "self_check", lambda device: {"d64/o": 0.001, "d128/dq": 0.5})
+    monkeypatch.setattr(fla_backend, "self_check", lambda device, dims=(64, 128): {"d64/o": 0.001, "d128/dq": 0.5})
     fla_backend.ensure_safe_backward.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"failed its self-check.*d128/dq.*0\.5000"):

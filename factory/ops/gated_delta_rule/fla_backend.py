@@ -55,11 +55,11 @@ def _gradients(fn, inputs, generator):
     return [o, ht, *grads]
 
 
-def self_check(device: torch.device) -> dict[str, float]:
+def self_check(device: torch.device, head_dims: tuple[int, ...] = (64, 128)) -> dict[str, float]:
     """Compare fla's chunk kernel to the reference (outputs, final state, 6 gradients)."""
     chunk_gated_delta_rule = _fla()[0].chunk_gated_delta_rule
     errors = {}
-    for head_dim in (64, 128):
+    for head_dim in head_dims:
         gen = torch.Generator(device=device).manual_seed(head_dim)
         inputs = _self_check_inputs(device, head_dim, gen)
 
@@ -80,14 +80,16 @@ def self_check(device: torch.device) -> dict[str, float]:
 
 
 @functools.cache
-def ensure_safe_backward(device_index: int) -> None:
-    """Lift fla's Hopper guard if, and only if, the kernels pass the self-check here."""
+def ensure_safe_backward(device_index: int, head_dim: int | None = None) -> None:
+    """Lift fla's Hopper guard if, and only if, the kernels pass the self-check here, at the
+    head dim in use (each checked dim costs a Triton compile at start-up); all dims if None."""
     chunk_o = _fla()[2]
     guarded = chunk_o.IS_NVIDIA_HOPPER and chunk_o.TRITON_ABOVE_3_4_0 and not chunk_o.TRITON_ABOVE_3_7_1
     if not guarded:
         return
     chunk_o.TRITON_ABOVE_3_7_1 = True
-    errors = self_check(torch.device("cuda", device_index))
+    dims = (head_dim,) if head_dim else (64, 128)
+    errors = self_check(torch.device("cuda", device_index), dims)
     worst = max(errors, key=errors.get)
     if errors[worst] > SELF_CHECK_TOLERANCE:
         chunk_o.TRITON_ABOVE_3_7_1 = False
@@ -100,7 +102,7 @@ def ensure_safe_backward(device_index: int) -> None:
 
 def fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, chunk_size):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta)):
-        ensure_safe_backward(q.device.index or 0)
+        ensure_safe_backward(q.device.index or 0, q.shape[-1])
     return _fla()[0].chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
