@@ -110,12 +110,13 @@ class LongContextConfig(TrainStageConfig):
 
 @dataclass
 class EvalConfig:
-    heldout_rows: int = 64
-    retrieval_distances: list[int] = field(default_factory=lambda: [32, 128, 256, 480, 1024])
-    retrieval_samples: int = 32
+    heldout_rows: int = 32
+    # inside the training length (512 for the tiny teacher), at its end, and at 2x
+    retrieval_distances: list[int] = field(default_factory=lambda: [64, 256, 480, 1024])
+    retrieval_samples: int = 16
     batch_size: int = 8
-    chat_prompts: int = 32  # held-out chat prompts whose greedy answers are compared (after sft)
-    chat_max_new_tokens: int = 24
+    chat_prompts: int = 16  # held-out chat prompts whose greedy answers are compared (after sft)
+    chat_max_new_tokens: int = 16
 
 
 @dataclass
