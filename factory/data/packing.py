@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def packed_rows(files: list[str], tokenizer, seq_len: int, text_field: str = "te
     rows = pack_token_lists([d for d in tokenized["ids"] if d], tokenizer.eos_token_id, seq_len)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks of one job may write it at once
         torch.save(rows.__dict__, tmp)
         tmp.replace(cache)
     return rows

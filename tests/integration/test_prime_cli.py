@@ -68,7 +68,7 @@ def test_export_loads_and_generates_in_a_fresh_process_without_factory(run):
         import sys
         sys.modules["factory"] = None  # the export must not need this package
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
+        tok = AutoTokenizer.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
         ids = tok("The pass key is", return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
