@@ -64,7 +64,9 @@ def planned_arms(args) -> list[Arm]:
     # The goals are at 50% and 75%: those arms first, variants after, 25% last.
     main = selection_arms(_ints(args.seeds), [r for r in ratios if r >= 0.5], methods)
     variants = variant_arms(_ints(args.variant_seeds), [v for v in args.variants.split(",") if v])
-    return main + variants + selection_arms(_ints(args.seeds), [r for r in ratios if r < 0.5], methods)
+    # 25% seed-major: if the time limit cuts it, every method still has its first seeds.
+    low = sorted(selection_arms(_ints(args.seeds), [r for r in ratios if r < 0.5], methods), key=lambda a: a.seed)
+    return main + variants + low
 
 
 def use_naive_gdn_on_cuda() -> None:

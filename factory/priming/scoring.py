@@ -13,13 +13,17 @@ Replacements:
   mixers; each layer's ``mixer_mode`` picks which one runs).
 - ``kl_trained``: a hybrid with only that layer converted, distilled for a few steps.
 
-Compute is counted in tokens through forward and backward passes; FLOPs use
+One recording pass keeps every layer's input; scoring layer i replays the unchanged layers
+below it from that recording and runs only layers i..L-1, so a one-shot scoring costs about
+``1 + (L + 1) / 2`` forward passes instead of ``1 + L``. Compute is counted in tokens through
+forward (full-forward equivalents) and backward passes; FLOPs use
 ``2 * N * forward tokens + 4 * N * backward tokens`` with N the teacher's parameter count.
 """
 
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +34,8 @@ import torch.nn.functional as F
 from factory.config.schema import DataConfig, InitConfig, SelectConfig
 from factory.data.packing import IGNORE_INDEX, packed_rows
 
-FLOPS_FORMULA = "FLOPs = 2*N*forward_tokens + 4*N*backward_tokens, N = teacher parameters (embeddings included)"
+FLOPS_FORMULA = ("FLOPs = 2*N*forward_tokens + 4*N*backward_tokens, N = teacher parameters (embeddings included); "
+                 "a pass that replays layers below i counts (L-i)/L of a forward")
 METRICS = ("kl", "loss")
 
 
@@ -68,7 +73,7 @@ class CalibrationPart:
 
 @dataclass
 class Compute:
-    forward_tokens: int = 0
+    forward_tokens: float = 0.0  # in full-forward equivalents (a pass from layer i counts (L - i) / L)
     backward_tokens: int = 0
 
     def flops(self, params: int) -> float:
@@ -157,38 +162,93 @@ def _batches(part: CalibrationPart, batch_size: int, device):
         yield (part.input_ids[sl].to(device), part.position_ids[sl].to(device), part.labels[sl].to(device))
 
 
-@torch.no_grad()
-def reference_hidden(teacher, parts: list[CalibrationPart], batch_size: int, device) -> list[list[torch.Tensor]]:
-    """The teacher's final hidden states at the scored positions (logits are recomputed per use:
-    a hidden state is D numbers, a logit row V)."""
-    out = []
-    for part in parts:
-        out.append([teacher.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[y != IGNORE_INDEX]
-                    for ids, pos, y in _batches(part, batch_size, device)])
-    return out
+@dataclass
+class Recording:
+    """One pass of a model over the calibration set: every layer's input (per part, per batch),
+    and the final hidden states at the scored positions (logits are recomputed per use: a
+    hidden state is D numbers, a logit row V)."""
+
+    layer_inputs: list[list[list[torch.Tensor]]]
+    final: list[list[torch.Tensor]]
 
 
 @torch.no_grad()
-def damage(model, teacher, parts: list[CalibrationPart], reference, metric: str, batch_size: int,
-           device, compute: Compute) -> tuple[float, dict]:
-    """Weighted mean over calibration parts of the per-position damage; also each part's value."""
-    per_part = {}
-    for part, ref in zip(parts, reference):
-        total, count = 0.0, 0
-        for (ids, pos, y), h_t in zip(_batches(part, batch_size, device), ref):
-            valid = y != IGNORE_INDEX
-            h_s = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[valid]
-            logp_s = F.log_softmax(model.lm_head(h_s).float(), -1)
-            logp_t = F.log_softmax(teacher.lm_head(h_t).float(), -1)
-            if metric == "kl":
-                total += float((logp_t.exp() * (logp_t - logp_s)).sum())
-            else:
-                total += float(F.nll_loss(logp_s, y[valid], reduction="sum") - F.nll_loss(logp_t, y[valid], reduction="sum"))
-            count += int(valid.sum())
-            compute.forward_tokens += ids.numel()
-        per_part[part.name] = total / max(1, count)
+def record(model, parts: list[CalibrationPart], batch_size: int, device, compute: Compute) -> Recording:
+    seen: list[torch.Tensor] = []
+
+    def keep_input(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    hooks = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in model.model.layers]
+    inputs, final = [], []
+    try:
+        for part in parts:
+            inputs.append([]), final.append([])
+            for ids, pos, y in _batches(part, batch_size, device):
+                seen.clear()
+                hidden = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                inputs[-1].append(list(seen))
+                final[-1].append(hidden[y != IGNORE_INDEX])
+                compute.forward_tokens += ids.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Recording(inputs, final)
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for the unchanged layers below the replaced one: returns their recorded output."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden
+
+
+@contextmanager
+def _replayed_below(model, start: int):
+    """Layers ``< start`` replaced by one ``_Replay`` for the duration; yields it."""
+    layers = model.model.layers
+    saved, replay = [layers[j] for j in range(start)], _Replay()
+    for j in range(start):
+        layers[j] = replay
+    try:
+        yield replay
+    finally:
+        for j, layer in enumerate(saved):
+            layers[j] = layer
+
+
+@torch.no_grad()
+def damage(model, teacher, parts: list[CalibrationPart], rec: Recording, metric: str, batch_size: int,
+           device, compute: Compute, start: int = 0) -> tuple[float, dict]:
+    """Weighted mean over calibration parts of the per-position damage; also each part's value.
+    Layers below ``start`` are unchanged: their recorded output is replayed, not recomputed (a pass
+    from layer ``start`` counts ``(L - start) / L`` of a full forward)."""
+    per_part, n_layers = {}, len(model.model.layers)
+    with _replayed_below(model, start) as replay:
+        for index, part in enumerate(parts):
+            total, count = 0.0, 0
+            for (ids, pos, y), h_t, h_in in zip(_batches(part, batch_size, device), rec.final[index],
+                                                rec.layer_inputs[index]):
+                valid = y != IGNORE_INDEX
+                replay.hidden = h_in[start] if start else None
+                h_s = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[valid]
+                total += _position_damage(model.lm_head(h_s), teacher.lm_head(h_t), y[valid], metric)
+                count += int(valid.sum())
+                compute.forward_tokens += ids.numel() * (n_layers - start) / n_layers
+            per_part[part.name] = total / max(1, count)
     weight = sum(p.weight for p in parts)
     return sum(p.weight * per_part[p.name] for p in parts) / weight, per_part
+
+
+def _position_damage(logits_s, logits_t, labels, metric: str) -> float:
+    logp_s, logp_t = F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1)
+    if metric == "kl":
+        return float((logp_t.exp() * (logp_t - logp_s)).sum())
+    return float(F.nll_loss(logp_s, labels, reduction="sum") - F.nll_loss(logp_t, labels, reduction="sum"))
 
 
 # ------------------------------------------------------------------ replacements
@@ -254,28 +314,29 @@ def _ranked(scores: dict[int, float]) -> list[int]:
 
 
 def score_proxy(cfg: SelectConfig, inputs: ScoringInputs, kind: str, n_gdn: int) -> ScoreResult:
-    """One-shot (every layer alone) scores; with ``cfg.greedy``, rounds that fix the best layer."""
+    """One-shot (every layer alone) scores; with ``cfg.greedy``, rounds that fix the best layer.
+    The probe with nothing replaced is the teacher: its recording is the reference."""
     parts = build_calibration(cfg, inputs)
-    compute, bs, dev = Compute(), cfg.calibration_batch_size, inputs.device
-    teacher = inputs.teacher
-    reference = reference_hidden(teacher, parts, bs, dev)
-    compute.forward_tokens += sum(p.tokens for p in parts)
+    compute, bs, dev, teacher = Compute(), cfg.calibration_batch_size, inputs.device, inputs.teacher
     probe = build_probe(teacher, kind, inputs.init, inputs.seed)
+    reference = current = record(probe, parts, bs, dev, compute)
     fixed, undo_fixed, rounds, part_scores = [], [], [], []
     for round_index in range(n_gdn if cfg.greedy else 1):
+        if fixed:  # layers above the fixed ones now see their replacement: record again
+            current = record(probe, parts, bs, dev, compute)
         scores = {}
         for layer in range(teacher.config.num_hidden_layers):
             if layer in fixed:
                 continue
             undo = replace_layer(probe, layer, kind, cfg.window)
-            scores[layer], per_part = damage(probe, teacher, parts, reference, cfg.metric, bs, dev, compute)
+            scores[layer], per_part = damage(probe, teacher, parts, _with_final(current, reference), cfg.metric, bs,
+                                             dev, compute, start=layer)
             undo()
             if round_index == 0:
                 part_scores.append(per_part)
         rounds.append(scores)
-        best = _ranked(scores)[0]
-        fixed.append(best)
-        undo_fixed.append(replace_layer(probe, best, kind, cfg.window))
+        fixed.append(_ranked(scores)[0])
+        undo_fixed.append(replace_layer(probe, fixed[-1], kind, cfg.window))
     for undo in undo_fixed:
         undo()
     one_shot = rounds[0]
@@ -283,6 +344,11 @@ def score_proxy(cfg: SelectConfig, inputs: ScoringInputs, kind: str, n_gdn: int)
     return ScoreResult([one_shot[i] for i in sorted(one_shot)], sorted(chosen),
                        [{str(k): v for k, v in r.items()} for r in rounds], part_scores,
                        calibration_summary(parts, cfg, inputs), compute)
+
+
+def _with_final(current: Recording, reference: Recording) -> Recording:
+    """Layer inputs of the current probe, damage always against the teacher's output."""
+    return Recording(current.layer_inputs, reference.final)
 
 
 # ------------------------------------------------------------------ kl_trained
@@ -344,14 +410,14 @@ def score_kl_trained(cfg: SelectConfig, inputs: ScoringInputs, n_gdn: int) -> Sc
         raise ValueError("select.greedy=true is for swa_proxy and gdn_proxy; kl_trained scores each layer once")
     parts = build_calibration(cfg, inputs)
     compute, bs, dev, teacher = Compute(), cfg.calibration_batch_size, inputs.device, inputs.teacher
-    reference = reference_hidden(teacher, parts, bs, dev)
-    compute.forward_tokens += sum(p.tokens for p in parts)
+    reference = record(teacher, parts, bs, dev, compute)
     seq_len = cfg.calibration_seq_len or inputs.data.seq_len
     rows = packed_rows(inputs.data.train_files, inputs.tokenizer, seq_len, inputs.data.text_field, inputs.cache_dir)
     scores, part_scores = {}, []
     for layer in range(teacher.config.num_hidden_layers):
         model = _train_one_layer(teacher, layer, cfg, inputs, rows, compute)
-        scores[layer], per_part = damage(model, teacher, parts, reference, cfg.metric, bs, dev, compute)
+        # Layers below the converted one are the teacher's: replayed from its recording.
+        scores[layer], per_part = damage(model, teacher, parts, reference, cfg.metric, bs, dev, compute, start=layer)
         part_scores.append(per_part)
     return ScoreResult([scores[i] for i in sorted(scores)], sorted(_ranked(scores)[:n_gdn]),
                        [{str(k): v for k, v in scores.items()}], part_scores,

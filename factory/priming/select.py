@@ -28,7 +28,7 @@ class Selection:
     scores: list[float] = field(default_factory=list)  # per layer; lower = safer to convert
     score_label: str = "1 = kept attention, 0 = GDN"
     calibration_tokens: int = 0
-    compute_tokens: int = 0  # tokens through forward passes (teacher and probes)
+    compute_tokens: int = 0  # tokens through forward passes, in full-forward equivalents
     backward_tokens: int = 0
     compute_flops: float = 0.0
     flops_formula: str = ""
@@ -37,7 +37,7 @@ class Selection:
     greedy_rounds: list[dict] = field(default_factory=list)
     score_parts: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
-    priming_flops: float = 0.0  # align + distill of the same config, same formula
+    priming_flops: float = 0.0  # the config's training stages, same formula
     share_of_priming: float = 0.0
 
     def layer_types(self) -> list[str]:
@@ -93,21 +93,27 @@ def _scored_selection(cfg: SelectConfig, num_layers: int, inputs, start: float) 
     label = f"damage ({'KL to teacher' if cfg.metric == 'kl' else 'loss increase'}, long-range tokens)"
     return Selection(
         cfg.method, num_layers, result.chosen, result.damage, label,
-        calibration_tokens=result.calibration["tokens"], compute_tokens=result.compute.forward_tokens,
+        calibration_tokens=result.calibration["tokens"], compute_tokens=round(result.compute.forward_tokens),
         backward_tokens=result.compute.backward_tokens, compute_flops=result.compute.flops(params),
         flops_formula=f"{FLOPS_FORMULA}; N={params}", seconds=time.perf_counter() - start,
         greedy=cfg.greedy, greedy_rounds=result.rounds if cfg.greedy else [], score_parts=result.parts,
         calibration=result.calibration)
 
 
+# FLOPs per token of each training stage, in units of N (teacher parameters): align runs the
+# teacher stream forward (its GDN-only backward left out: a lower bound); distill a teacher
+# forward and a student forward + backward; longctx and sft a student forward + backward (a
+# teacher forward more when their loss is KL).
+STAGE_FLOPS_PER_TOKEN = {"align": 2, "distill": 2 + 6, "longctx": 6, "sft": 6}
+
+
 def priming_flops(cfg: PrimeConfig, params: int) -> float:
-    """A lower bound of align + distill compute, same formula as selection: align runs the
-    teacher stream forward (GDN backward left out), distill a teacher forward and a student
-    forward + backward per token."""
+    """Compute of the config's training stages, same formula as the selection's."""
     total = 0.0
-    for stage, per_token in (("align", 2), ("distill", 2 + 2 + 4)):
+    for stage, per_token in STAGE_FLOPS_PER_TOKEN.items():
         if stage in cfg.stages:
             s = getattr(cfg, stage)
+            per_token += 2 if stage in ("longctx", "sft") and s.loss == "kl" else 0
             total += per_token * params * s.steps * s.batch_size * s.grad_accum * (s.seq_len or cfg.data.seq_len)
     return total
 

@@ -107,19 +107,45 @@ def test_greedy_matches_one_shot_without_interactions_and_is_deterministic(cruci
     assert first.gdn_layers == second.gdn_layers and first.greedy_rounds == second.greedy_rounds
 
 
+def _passes(first_layers) -> float:
+    """Full-forward equivalents of scoring these layers: a pass from layer i runs (L - i) / L."""
+    return sum((LAYERS - i) / LAYERS for i in first_layers)
+
+
 def test_compute_accounting(inputs):
     one = select_layers(SelectConfig(method="swa_proxy", ratio=0.5, **FAST), LAYERS, inputs)
     params = sum(p.numel() for p in inputs.teacher.parameters())
-    assert one.calibration_tokens > 0 and one.seconds > 0
-    assert one.compute_tokens == (1 + LAYERS) * one.calibration_tokens  # teacher + one pass per layer
-    assert one.compute_flops == pytest.approx(2 * params * one.compute_tokens)
+    calib = one.calibration_tokens
+    assert calib > 0 and one.seconds > 0
+    # One recording pass, then every layer scored from its own depth up.
+    assert one.compute_tokens == round(calib * (1 + _passes(range(LAYERS))))
+    assert one.compute_flops == pytest.approx(2 * params * calib * (1 + _passes(range(LAYERS))))
     greedy = select_layers(SelectConfig(method="swa_proxy", ratio=0.5, greedy=True, **FAST), LAYERS, inputs)
-    assert greedy.compute_tokens == (1 + LAYERS + LAYERS - 1) * greedy.calibration_tokens
+    first = int(next(iter(k for k in greedy.greedy_rounds[0] if k not in greedy.greedy_rounds[1])))
+    rest = [i for i in range(LAYERS) if i != first]
+    assert greedy.compute_tokens == round(calib * (2 + _passes(range(LAYERS)) + _passes(rest)))
     trained = select_layers(SelectConfig(method="kl_trained", ratio=0.5, **FAST), LAYERS, inputs)
     train_tokens = LAYERS * FAST["trained_steps"] * FAST["trained_batch_size"] * 64
     assert trained.backward_tokens == train_tokens
-    assert trained.compute_flops == pytest.approx(2 * params * trained.compute_tokens + 4 * params * train_tokens)
+    forward = calib * (1 + _passes(range(LAYERS))) + 2 * train_tokens
+    assert trained.compute_flops == pytest.approx(2 * params * forward + 4 * params * train_tokens)
     assert trained.compute_flops > one.compute_flops
+
+
+def test_replayed_scores_equal_full_passes(inputs):
+    """Replaying the unchanged lower layers from the recording gives the damage of a full pass."""
+    from factory.priming.scoring import (Compute, build_calibration, build_probe, damage, record,
+                                         replace_layer)
+
+    cfg = SelectConfig(method="gdn_proxy", **FAST)
+    parts = build_calibration(cfg, inputs)
+    probe = build_probe(inputs.teacher, "gdn", inputs.init, 0)
+    rec = record(probe, parts, 4, "cpu", Compute())
+    undo = replace_layer(probe, 2, "gdn", cfg.window)
+    full, _ = damage(probe, inputs.teacher, parts, rec, "kl", 4, "cpu", Compute(), start=0)
+    replayed, _ = damage(probe, inputs.teacher, parts, rec, "kl", 4, "cpu", Compute(), start=2)
+    undo()
+    assert full > 0 and replayed == pytest.approx(full, rel=1e-5)
 
 
 def test_bad_metric_is_one_line(inputs):
