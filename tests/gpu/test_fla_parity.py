@@ -239,7 +239,7 @@ def test_causal_conv_with_states_and_gradients_matches_reference(case, check):
 def test_fused_gated_rmsnorm_matches_torch_form(check, monkeypatch):
     from factory.layers.gdn import GatedRMSNorm
 
-    monkeypatch.setattr(GatedRMSNorm, "fused_on_cuda", True)  # fla's fused kernel (off by default)
+    monkeypatch.setattr(GatedRMSNorm, "fused_on_cuda", True)  # fla's fused kernel (the CUDA default)
     gen = torch.Generator(device="cuda").manual_seed(30)
     norm = GatedRMSNorm(128, eps=1e-6).cuda().bfloat16()
     with torch.no_grad():
@@ -275,8 +275,8 @@ def _layer_pair(head_dim, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim,packed,fused_norm", [
-    (64, False, False), (64, True, False), (128, False, False), (128, True, False), (128, True, True)],
-    ids=["unpacked-64", "packed-64", "unpacked-128", "packed-128", "packed-128-fused_norm"])
+    (64, False, True), (64, True, True), (128, False, True), (128, True, True), (128, True, False)],
+    ids=["unpacked-64", "packed-64", "unpacked-128", "packed-128", "packed-128-torch_norm"])
 def test_gdn_layer_on_cuda_matches_cpu_reference(head_dim, packed, fused_norm, check, monkeypatch):
     from factory.layers.gdn import GatedRMSNorm
 
