@@ -61,9 +61,11 @@ def _ints(text: str) -> list[int]:
 def planned_arms(args) -> list[Arm]:
     ratios = [float(r) for r in args.ratios.split(",") if r]
     methods = [m for m in args.methods.split(",") if m]
-    # The goals are at 50% and 75%: those arms first, variants after, 25% last.
-    main = selection_arms(_ints(args.seeds), [r for r in ratios if r >= 0.5], methods)
-    variants = variant_arms(_ints(args.variant_seeds), [v for v in args.variants.split(",") if v])
+    # The goals are at 50% and 75%: those arms first, variants after, 25% last; seed-major, so a
+    # deadline cuts late seeds of every method rather than every seed of the last method.
+    main = sorted(selection_arms(_ints(args.seeds), [r for r in ratios if r >= 0.5], methods), key=lambda a: a.seed)
+    variants = sorted(variant_arms(_ints(args.variant_seeds), [v for v in args.variants.split(",") if v]),
+                      key=lambda a: a.seed)
     # 25% seed-major: if the time limit cuts it, every method still has its first seeds.
     low = sorted(selection_arms(_ints(args.seeds), [r for r in ratios if r < 0.5], methods), key=lambda a: a.seed)
     return main + variants + low
