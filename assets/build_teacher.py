@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--short-len", type=int, default=128, help="phase 1 row length")
+    p.add_argument("--short-batch", type=int, default=0, help="phase 1 rows per step (0: --batch)")
     p.add_argument("--short-steps", type=int, default=4000, help="phase 1 steps (short rows)")
     p.add_argument("--steps", type=int, default=800, help="phase 2 steps (full-length rows)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -253,7 +254,8 @@ def train(model, sampler: RowSampler, tokenizer, args) -> list[dict]:
     for step in range(total):
         short = step < args.short_steps
         length, mix = (args.short_len, args.short_mix) if short else (args.seq_len, args.mix)
-        ids = sampler.batch(args.batch, length, mix, max_distance_at(step, args))
+        rows = (args.short_batch or args.batch) if short else args.batch
+        ids = sampler.batch(rows, length, mix, max_distance_at(step, args))
         running += train_step(model, opt, ids, lr_at(step, args), args)
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             log.append(progress_entry(model, tokenizer, args, step, running, t0))
@@ -337,7 +339,8 @@ def main(argv=None) -> None:
         "seed": args.seed, "config": config.to_dict(), "parameters": n_params,
         "build_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "steps": args.steps, "short_steps": args.short_steps,
-        "tokens_seen": args.batch * (args.steps * args.seq_len + args.short_steps * args.short_len),
+        "tokens_seen": args.batch * args.steps * args.seq_len
+        + (args.short_batch or args.batch) * args.short_steps * args.short_len,
         "train_wall_s": round(train_s, 1), "build_wall_s": round(time.time() - t_start, 1),
         "heldout_loss": round(loss, 4), "heldout_docs": len(heldout),
         "retrieval_accuracy": acc, "retrieval_samples_per_distance": args.eval_samples,
