@@ -16,6 +16,8 @@ from factory.rundir import model_dir
 
 
 TRAINING_STAGES = ("align", "distill", "longctx", "sft")
+# Run on every rank only under ZeRO-3, where no rank may hold the whole model; on rank 0 otherwise.
+SHARDED_STAGES = ("init",)
 
 
 @dataclass
@@ -32,13 +34,17 @@ class StageContext:
 
     @property
     def collective(self) -> bool:
-        """Training stages run on every rank; the others on rank 0 alone."""
-        return self.name in TRAINING_STAGES
+        """Training stages run on every rank, and so does init under ZeRO-3; the others on rank 0 alone."""
+        return self.name in TRAINING_STAGES or (self.name in SHARDED_STAGES and self._zero3_configured)
+
+    @property
+    def _zero3_configured(self) -> bool:
+        return self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3
 
     @property
     def zero3(self) -> bool:
         # Sharded loading is collective, so only stages that every rank runs use it.
-        return self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3 and self.collective
+        return self._zero3_configured and self.collective
 
     def gathered(self, params):
         """Whole tensors of ZeRO-3 sharded parameters for the duration of the block (read only)."""

@@ -8,6 +8,8 @@ copied unchanged. Works one layer at a time so sharded parameters can be gathere
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from factory.config.schema import InitConfig
@@ -23,6 +25,21 @@ def gdn_config_kwargs(teacher_config, layer_types: list[str], init: InitConfig, 
             "linear_qk_channel_scale": init.qk_norm == "scale", "keep_teacher_attention": keep_teacher_attention}
 
 
+def layer_generator(seed: int, index: int) -> torch.Generator:
+    """The fresh GDN weights of layer ``index``: one stream per layer, so the values do not depend on
+    which layers are converted, the order they are visited in, or which process initializes them."""
+    digest = hashlib.sha256(f"gdn-init:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _draw(param: torch.Tensor, generator: torch.Generator, fill) -> None:
+    """Random values drawn on the CPU in fp32 whatever the parameter's device and dtype, so a gathered
+    GPU parameter gets the same draws as a local CPU one (a CPU generator cannot fill a CUDA tensor)."""
+    value = torch.empty(param.shape, dtype=torch.float32)
+    fill(value)
+    param.copy_(value)
+
+
 @torch.no_grad()
 def init_gdn_from_attention(gdn: GatedDeltaNet, attn, init: InitConfig, generator: torch.Generator) -> None:
     H, dv = gdn.shape.num_query_heads, gdn.shape.value_head_dim
@@ -35,40 +52,81 @@ def init_gdn_from_attention(gdn: GatedDeltaNet, attn, init: InitConfig, generato
         w_v = attn.v_proj.weight.view(kv_heads, dv, -1).repeat_interleave(H // kv_heads, dim=0).reshape(H * dv, -1)
         gdn.g_proj.weight.copy_(0.5 * (attn.o_proj.weight.t() + w_v))
     else:
-        torch.nn.init.normal_(gdn.g_proj.weight, std=0.02, generator=generator)
+        _draw(gdn.g_proj.weight, generator, lambda t: t.normal_(0.0, 0.02, generator=generator))
     for proj in (gdn.a_proj, gdn.b_proj):
-        torch.nn.init.normal_(proj.weight, std=0.02, generator=generator)
+        _draw(proj.weight, generator, lambda t: t.normal_(0.0, 0.02, generator=generator))
     gdn.reset_gate_parameters(generator)
     gdn.o_norm.weight.fill_(1.0)
     for conv in (gdn.q_conv1d, gdn.k_conv1d, gdn.v_conv1d):
         if init.conv_init == "identity":
-            # Pass-through at the current token, small noise elsewhere.
-            torch.nn.init.normal_(conv.weight, std=0.01, generator=generator)
-            conv.weight[:, 0, -1] = 1.0
+            def identity(t):  # pass-through at the current token, small noise elsewhere
+                t.normal_(0.0, 0.01, generator=generator)
+                t[:, 0, -1] = 1.0
+            _draw(conv.weight, generator, identity)
         else:
             bound = 1.0 / conv.kernel_size[0] ** 0.5  # nn.Conv1d's default for a depthwise kernel
-            conv.weight.uniform_(-bound, bound, generator=generator)
+            _draw(conv.weight, generator, lambda t: t.uniform_(-bound, bound, generator=generator))
     if init.qk_norm == "scale":
         gdn.q_scale.copy_(attn.q_norm.weight)
         gdn.k_scale.copy_(attn.k_norm.weight)
 
 
+def hybrid_config(teacher_config, layer_types: list[str], init: InitConfig, keep_teacher_attention: bool):
+    from factory.models.hqwen3 import HQwen3Config
+
+    return HQwen3Config(**gdn_config_kwargs(teacher_config, layer_types, init, keep_teacher_attention))
+
+
+def init_groups(config) -> list[str]:
+    """The submodules initialization visits one at a time, by name (the same in teacher and hybrid).
+    A tied LM head is the embedding and is not visited twice."""
+    groups = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(config.num_hidden_layers)), "model.norm"]
+    return groups if config.tie_word_embeddings else [*groups, "lm_head"]
+
+
+@torch.no_grad()
+def init_group(name: str, hybrid_part: torch.nn.Module, teacher_part: torch.nn.Module, init: InitConfig,
+               seed: int) -> list[str]:
+    """Fill one hybrid submodule from the teacher's: tensors with the same name are copied, a GDN
+    mixer is initialized from the attention it replaces. Returns the names written, with prefix."""
+    ours, theirs = hybrid_part.state_dict(keep_vars=True), teacher_part.state_dict(keep_vars=True)
+    gdn = getattr(hybrid_part, "linear_attn", None)
+    fresh = {k for k in ours if k.startswith("linear_attn.")} if gdn is not None else set()
+    dropped = {k for k in theirs if k not in ours and gdn is not None and k.startswith("self_attn.")}
+    if set(ours) - fresh != set(theirs) - dropped:
+        raise RuntimeError(f"teacher and hybrid parameters of {name} disagree: hybrid only "
+                           f"{sorted(set(ours) - fresh - set(theirs))[:4]}, teacher only "
+                           f"{sorted(set(theirs) - dropped - set(ours))[:4]}")
+    for key in set(ours) - fresh:
+        ours[key].copy_(theirs[key])
+    if gdn is not None:
+        init_gdn_from_attention(gdn, teacher_part.self_attn, init, layer_generator(seed, hybrid_part.layer_idx))
+    return [f"{name}.{k}" for k in ours]
+
+
+def saved_names(model) -> set[str]:
+    """State-dict names a checkpoint holds: a tied weight is stored once, under its first name."""
+    seen, names = set(), set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            names.add(key)
+    return names
+
+
 def build_hybrid_from_teacher(teacher, layer_types: list[str], init: InitConfig, seed: int,
                               keep_teacher_attention: bool = True):
     """A new HQwen3ForCausalLM holding the teacher's weights, with GDN initialized in converted layers."""
-    from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
+    from factory.models.hqwen3 import HQwen3ForCausalLM
 
-    config = HQwen3Config(**gdn_config_kwargs(teacher.config, layer_types, init, keep_teacher_attention))
-    torch.manual_seed(seed)
+    config = hybrid_config(teacher.config, layer_types, init, keep_teacher_attention)
+    torch.manual_seed(seed)  # construction's draws are all overwritten; kept for callers' global RNG state
     hybrid = HQwen3ForCausalLM(config).to(next(teacher.parameters()).dtype)
-    missing, unexpected = hybrid.load_state_dict(teacher.state_dict(), strict=False)
-    converted = set(config.linear_layers)
-    dropped = [k for k in unexpected if not _is_converted_attention(k, converted)]
-    if dropped or any(".linear_attn." not in k for k in missing):
-        raise RuntimeError(f"teacher and hybrid parameters disagree: unexpected {dropped[:4]}, missing {missing[:4]}")
-    generator = torch.Generator().manual_seed(seed)
-    for i in sorted(converted):
-        init_gdn_from_attention(hybrid.model.layers[i].linear_attn, teacher.model.layers[i].self_attn, init, generator)
+    written = []
+    for name in init_groups(config):
+        written += init_group(name, hybrid.get_submodule(name), teacher.get_submodule(name), init, seed)
+    if set(written) != saved_names(hybrid) or len(written) != len(set(written)):
+        raise RuntimeError(f"initialization missed {sorted(saved_names(hybrid) - set(written))[:4]}")
     return hybrid
 
 

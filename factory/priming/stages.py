@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from factory.priming.init import build_hybrid_from_teacher
+import shutil
+
+from factory.priming.init import build_hybrid_from_teacher, hybrid_config
 from factory.priming.select import (SCORING_METHODS, add_priming_share, read_selection, select_layers,
                                     write_selection)
 from factory.stage_context import StageContext
@@ -32,11 +34,27 @@ def run_select(ctx: StageContext) -> dict:
 
 
 def run_init(ctx: StageContext) -> dict:
+    """Single process: build the hybrid whole and save it. Under ZeRO-3 (every rank): teacher and
+    hybrid stay partitioned and are filled and written one layer at a time."""
     selection = read_selection(ctx.parent_dir)
+    layer_types = selection.layer_types()
+    if ctx.env.is_main:
+        shutil.rmtree(ctx.out_model_dir, ignore_errors=True)  # no stale shards from an earlier attempt
     teacher = ctx.load_teacher()
-    hybrid = build_hybrid_from_teacher(teacher, selection.layer_types(), ctx.cfg.init, ctx.cfg.seed,
-                                       keep_teacher_attention=True)
-    hybrid.save_pretrained(ctx.out_model_dir)
-    ctx.tokenizer.save_pretrained(ctx.out_model_dir)
-    print(f"[init] hybrid with GDN layers {hybrid.config.linear_layers} written to {ctx.out_model_dir}")
-    return {"gdn_layers": hybrid.config.linear_layers}
+    if ctx.zero3:
+        from factory.distributed.sharded_init import build_sharded, init_sharded
+        from factory.models.hqwen3 import HQwen3ForCausalLM
+
+        config = hybrid_config(teacher.config, layer_types, ctx.cfg.init, keep_teacher_attention=True)
+        hybrid = build_sharded(HQwen3ForCausalLM, config, ctx.cfg.deepspeed, ctx.precision)
+        extra = init_sharded(teacher, hybrid, ctx.cfg.init, ctx.cfg.seed, ctx.out_model_dir, ctx.env.is_main)
+    else:
+        hybrid = build_hybrid_from_teacher(teacher, layer_types, ctx.cfg.init, ctx.cfg.seed,
+                                           keep_teacher_attention=True)
+        hybrid.save_pretrained(ctx.out_model_dir)
+        extra = {}
+    gdn_layers = hybrid.config.linear_layers
+    if ctx.env.is_main:
+        ctx.tokenizer.save_pretrained(ctx.out_model_dir)
+        print(f"[init] hybrid with GDN layers {gdn_layers} written to {ctx.out_model_dir}")
+    return {"gdn_layers": gdn_layers, **extra}
