@@ -135,13 +135,9 @@ def _save(ctx: StageContext, model) -> None:
     ctx.tokenizer.save_pretrained(ctx.out_model_dir)
 
 
-def run_align(ctx: StageContext) -> dict:
-    """Stage 1: GDN learns the attention it replaces, with the teacher path inside the same network."""
-    cfg = ctx.cfg.align
-    model = ctx.load_hybrid()
-    if not model.config.keep_teacher_attention:
-        raise RuntimeError("align needs the init stage's model, which keeps the teacher attention")
-    params = select_trainable(model, "gdn")
+def align_loss_fn(model, loss: str):
+    """The align stage's step loss (``layerwise`` | ``pre_lm_head``) on a hybrid that keeps the
+    teacher attention; a function of its own so benchmarks time the same step."""
 
     def layerwise(batch):
         model.model.set_mixer_mode("align")
@@ -157,8 +153,17 @@ def run_align(ctx: StageContext) -> dict:
         model.model.set_mixer_mode("student")
         return F.mse_loss(model.model(**inputs).last_hidden_state.float(), target.float()), {}
 
-    loss_fn = {"layerwise": layerwise, "pre_lm_head": pre_lm_head}[cfg.loss]
-    result = run_training(ctx, cfg, model, params, loss_fn)
+    return {"layerwise": layerwise, "pre_lm_head": pre_lm_head}[loss]
+
+
+def run_align(ctx: StageContext) -> dict:
+    """Stage 1: GDN learns the attention it replaces, with the teacher path inside the same network."""
+    cfg = ctx.cfg.align
+    model = ctx.load_hybrid()
+    if not model.config.keep_teacher_attention:
+        raise RuntimeError("align needs the init stage's model, which keeps the teacher attention")
+    params = select_trainable(model, "gdn")
+    result = run_training(ctx, cfg, model, params, align_loss_fn(model, cfg.loss))
     model.model.set_mixer_mode("student")
     _save(ctx, model)
     return result
@@ -171,6 +176,22 @@ def load_student(ctx: StageContext):
     if ctx.zero3:
         raise RuntimeError("under ZeRO-3, distill starts from the align stage's student; add align to the stages")
     return drop_teacher_attention(model.config, model.state_dict()).to(ctx.device)
+
+
+def distill_loss_fn(ctx: StageContext, cfg: TrainStageConfig, student, teacher):
+    """The distill stage's step loss: tiled forward KL of the student to the frozen teacher."""
+
+    def kl(batch):
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        with torch.no_grad():
+            target = teacher.model(**inputs).last_hidden_state
+        hidden = student.model(**inputs).last_hidden_state
+        with ctx.gathered([student.lm_head.weight, teacher.lm_head.weight]):
+            loss = tiled_kl_loss(hidden, target, student.lm_head.weight, teacher.lm_head.weight, batch["labels"],
+                                 cfg.temperature, cfg.ce_weight, cfg.loss_tile_tokens)
+        return loss, {}
+
+    return kl
 
 
 def run_distill(ctx: StageContext) -> dict:
@@ -186,18 +207,7 @@ def run_distill(ctx: StageContext) -> dict:
     if ctx.zero3 and student.lm_head.weight.requires_grad:
         raise RuntimeError(f"distill.trainable={cfg.trainable} trains the LM head, which the tiled loss cannot do "
                            "under ZeRO-3; use trainable=gdn or gdn+norms")
-
-    def kl(batch):
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        with torch.no_grad():
-            target = teacher.model(**inputs).last_hidden_state
-        hidden = student.model(**inputs).last_hidden_state
-        with ctx.gathered([student.lm_head.weight, teacher.lm_head.weight]):
-            loss = tiled_kl_loss(hidden, target, student.lm_head.weight, teacher.lm_head.weight, batch["labels"],
-                                 cfg.temperature, cfg.ce_weight, cfg.loss_tile_tokens)
-        return loss, {}
-
-    result = run_training(ctx, cfg, student, params, kl)
+    result = run_training(ctx, cfg, student, params, distill_loss_fn(ctx, cfg, student, teacher))
     _save(ctx, student)
     return result
 
