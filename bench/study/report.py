@@ -251,7 +251,7 @@ def section(results: dict, default: str, conclusion: str, calibration: list[dict
         out += ["### Initialization, stage-2 loss and alignment variants", "", *variant_table(groups, "swa_proxy"), ""]
     if calibration:
         out += ["### Selection cost and stability", "", *cost_table(calibration), ""]
-    out += [f"### Goals (default selection: `{default}`)", "", *goals(groups, default, results["teacher"], calibration), ""]
+    out += [f"### Goals, evaluated for `{default}`", "", *goals(groups, default, results["teacher"], calibration), ""]
     return "\n".join(out) + "\n" + conclusion.strip() + "\n"
 
 
@@ -269,7 +269,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", type=Path)
     p.add_argument("--quality", type=Path, default=ROOT / "docs" / "QUALITY.md")
-    p.add_argument("--default", default="swa_proxy", help="the selection method the recipes use")
+    p.add_argument("--default", default="swa_proxy", help="the selection method to evaluate the goals for")
     p.add_argument("--conclusion", type=Path, default=Path(__file__).with_name("conclusion.md"))
     p.add_argument("--calibration", type=Path, default=Path(__file__).with_name("calibration.json"))
     args = p.parse_args(argv)
