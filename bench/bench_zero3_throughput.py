@@ -281,10 +281,6 @@ def time_arm(arm: str, args, run) -> dict:
               "params": sum(_numel(p) for p in model.parameters())}
     engine.engine.destroy()
     release_zero3_modules([model, setup.get("teacher")])
-    for layer in model.model.layers:
-        # align keeps the last step's (output, target) on each GDN layer; its autograd graph holds
-        # DeepSpeed's hooks, a cycle through C++ that the garbage collector cannot see.
-        layer.alignment_pair = None
     del engine, setup, model, state
     gc.collect()
     if device.type == "cuda":

@@ -142,7 +142,10 @@ def align_loss_fn(model, loss: str):
     def layerwise(batch):
         model.model.set_mixer_mode("align")
         model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        pairs = [layer.alignment_pair for layer in model.model.layers if layer.is_linear]
+        linear = [layer for layer in model.model.layers if layer.is_linear]
+        pairs = [layer.alignment_pair for layer in linear]
+        for layer in linear:  # the loss owns the graph now; a layer holding it would keep it past the step
+            layer.alignment_pair = None
         return alignment_mse(pairs), {}
 
     def pre_lm_head(batch):

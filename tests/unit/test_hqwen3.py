@@ -143,3 +143,15 @@ def test_align_mode_runs_teacher_stream_and_records_pairs():
     assert all(p is not None and p[0].requires_grad and not p[1].requires_grad for p in pairs)
     with pytest.raises(ValueError, match="mixer mode"):
         model.model.set_mixer_mode("both")
+
+
+def test_align_step_loss_releases_the_layers_pairs():
+    from factory.train.stages import align_loss_fn
+
+    model = tiny_hybrid(keep_teacher_attention=True)
+    ids = torch.randint(0, 101, (2, 20))
+    batch = {"input_ids": ids, "position_ids": torch.arange(20).expand(2, -1)}
+    loss, _ = align_loss_fn(model, "layerwise")(batch)
+    loss.backward()
+    assert loss.item() > 0
+    assert all(layer.alignment_pair is None for layer in model.model.layers)
