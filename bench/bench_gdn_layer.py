@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,35 +37,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.layers.gdn import GatedDeltaNet, GatedRMSNorm, GDNShape  # noqa: E402
+from timing import median_ms  # noqa: E402  (bench/ is the script's directory)
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 5120, 64, 8, 128
 GOALS = {"attn_over_gdn_32k": 2.2, "attn_over_gdn_128k": 7.5, "overhead_max": 0.15}
 
 
 # --------------------------------------------------------------------------- timing
-
-def time_ms(step, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``step()`` (CUDA events on GPU, wall clock on CPU)."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
 
 def iterations(T: int, args) -> tuple[int, int]:
     """Fewer timed iterations at the longest sequences (attention alone takes ~2 s there)."""
@@ -163,11 +140,11 @@ def bench_size(T: int, args, device, dtype) -> dict:
     shipped = GatedRMSNorm.fused_on_cuda
     layer = gdn_layer(device, dtype, args.scale)
     params = list(layer.parameters())
-    row["gdn_ms"] = time_ms(fwd_bwd(layer, [x], params, dy), warmup, iters)
+    row["gdn_ms"] = median_ms(fwd_bwd(layer, [x], params, dy), warmup, iters)
     progress(T, "gdn", row["gdn_ms"])
     GatedRMSNorm.fused_on_cuda = False
     try:
-        row["gdn_torch_norm_ms"] = time_ms(fwd_bwd(layer, [x], params, dy), warmup, iters)
+        row["gdn_torch_norm_ms"] = median_ms(fwd_bwd(layer, [x], params, dy), warmup, iters)
     finally:
         GatedRMSNorm.fused_on_cuda = shipped
     progress(T, "gdn_torch_norm", row["gdn_torch_norm_ms"])
@@ -187,7 +164,7 @@ def bench_size(T: int, args, device, dtype) -> dict:
         outs = [c(t) for c, t in zip(convs, conv_in)]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
-    row["conv_ms"] = time_ms(conv_step, warmup, iters)
+    row["conv_ms"] = median_ms(conv_step, warmup, iters)
     progress(T, "conv", row["conv_ms"])
     del conv_in
     free_memory()
@@ -197,7 +174,7 @@ def bench_size(T: int, args, device, dtype) -> dict:
     for name, fused in (("norm_fused_ms", True), ("norm_torch_ms", False)):
         GatedRMSNorm.fused_on_cuda = fused
         try:
-            row[name] = time_ms(fwd_bwd(layer.o_norm, [o, gate], [layer.o_norm.weight], dnorm), warmup, iters)
+            row[name] = median_ms(fwd_bwd(layer.o_norm, [o, gate], [layer.o_norm.weight], dnorm), warmup, iters)
         finally:
             GatedRMSNorm.fused_on_cuda = shipped
         progress(T, name[:-3], row[name])
@@ -215,7 +192,7 @@ def bench_size(T: int, args, device, dtype) -> dict:
             t.grad = None
         torch.autograd.backward(proj(x, mixed), grads)
 
-    row["gemms_ms"] = time_ms(gemm_step, warmup, iters)
+    row["gemms_ms"] = median_ms(gemm_step, warmup, iters)
     progress(T, "gemms", row["gemms_ms"])
     del proj, mixed, grads, layer, params
     free_memory()
@@ -261,7 +238,7 @@ def time_kernel(T, args, device, dtype, gen, warmup, iters) -> float:
         o, _ = kernel(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
         o.backward(do)
 
-    ms = time_ms(step, warmup, iters)
+    ms = median_ms(step, warmup, iters)
     del q, k, v, g, beta, do
     free_memory()
     return ms
@@ -284,7 +261,7 @@ def time_attention(T, args, device, dtype, x, dy, warmup, iters) -> dict:
             label = f"{name}/{gqa}"
             try:
                 with sdpa_kernel([backends[name]]):
-                    ms = time_ms(fwd_bwd(lambda h: attn(h, (cos, sin), None)[0], [x], params, dy), warmup, iters)
+                    ms = median_ms(fwd_bwd(lambda h: attn(h, (cos, sin), None)[0], [x], params, dy), warmup, iters)
             except RuntimeError as err:  # backend refused these inputs
                 result["attn_tried"][label] = f"failed: {str(err).splitlines()[0][:160]}"
                 progress(T, f"attn {label}", result["attn_tried"][label])
@@ -360,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--scale", type=int, default=1, help="divide hidden size and head counts (smoke runs)")
     parser.add_argument("--json", type=Path, help="write environment, rows and goals here (after every size)")
     args = parser.parse_args(argv)
+    if args.scale < 1 or KV_HEADS % args.scale:
+        parser.error(f"--scale {args.scale} must divide the {KV_HEADS} key/value heads")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16
     env = environment()

@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from datetime import timedelta
@@ -56,6 +55,7 @@ from factory.distributed.sequence_parallel import build_sequence_parallel  # noq
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM  # noqa: E402
 from factory.priming.select import alternate_layers  # noqa: E402
 from factory.train.stages import extend_context, next_token_sum, select_trainable  # noqa: E402
+from timing import median_ms  # noqa: E402  (bench/ is the script's directory)
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 intermediate_size=12288, vocab_size=151936)
@@ -106,26 +106,6 @@ def train_step(model, sp, row: dict, tile_tokens: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def timed_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def free_memory(cuda: bool) -> None:
     gc.collect()
     if cuda:
@@ -143,7 +123,7 @@ def measure(model, sp, T: int, args, device, warmup: int, iters: int) -> dict | 
     row = make_row(T, args.docs, model.config.vocab_size, device)
     ms = None
     try:
-        ms = timed_ms(lambda: train_step(model, sp, row, args.loss_tile_tokens), warmup, iters, cuda)
+        ms = median_ms(lambda: train_step(model, sp, row, args.loss_tile_tokens), warmup, iters, cuda)
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)  # the step's graph goes with the exception, after this block
     failed = torch.tensor([float(ms is None)], device=device)

@@ -32,7 +32,7 @@ def layer_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _draw(param: torch.Tensor, generator: torch.Generator, fill) -> None:
+def _draw(param: torch.Tensor, fill) -> None:
     """Random values drawn on the CPU in fp32 whatever the parameter's device and dtype, so a gathered
     GPU parameter gets the same draws as a local CPU one (a CPU generator cannot fill a CUDA tensor)."""
     value = torch.empty(param.shape, dtype=torch.float32)
@@ -52,9 +52,9 @@ def init_gdn_from_attention(gdn: GatedDeltaNet, attn, init: InitConfig, generato
         w_v = attn.v_proj.weight.view(kv_heads, dv, -1).repeat_interleave(H // kv_heads, dim=0).reshape(H * dv, -1)
         gdn.g_proj.weight.copy_(0.5 * (attn.o_proj.weight.t() + w_v))
     else:
-        _draw(gdn.g_proj.weight, generator, lambda t: t.normal_(0.0, 0.02, generator=generator))
+        _draw(gdn.g_proj.weight, lambda t: t.normal_(0.0, 0.02, generator=generator))
     for proj in (gdn.a_proj, gdn.b_proj):
-        _draw(proj.weight, generator, lambda t: t.normal_(0.0, 0.02, generator=generator))
+        _draw(proj.weight, lambda t: t.normal_(0.0, 0.02, generator=generator))
     gdn.reset_gate_parameters(generator)
     gdn.o_norm.weight.fill_(1.0)
     for conv in (gdn.q_conv1d, gdn.k_conv1d, gdn.v_conv1d):
@@ -62,10 +62,10 @@ def init_gdn_from_attention(gdn: GatedDeltaNet, attn, init: InitConfig, generato
             def identity(t):  # pass-through at the current token, small noise elsewhere
                 t.normal_(0.0, 0.01, generator=generator)
                 t[:, 0, -1] = 1.0
-            _draw(conv.weight, generator, identity)
+            _draw(conv.weight, identity)
         else:
             bound = 1.0 / conv.kernel_size[0] ** 0.5  # nn.Conv1d's default for a depthwise kernel
-            _draw(conv.weight, generator, lambda t: t.uniform_(-bound, bound, generator=generator))
+            _draw(conv.weight, lambda t: t.uniform_(-bound, bound, generator=generator))
     if init.qk_norm == "scale":
         gdn.q_scale.copy_(attn.q_norm.weight)
         gdn.k_scale.copy_(attn.k_norm.weight)
