@@ -79,6 +79,10 @@ def self_check(device: torch.device, head_dims: tuple[int, ...] = (64, 128)) -> 
     return errors
 
 
+def _device(index: int) -> torch.device:
+    return torch.device("cuda", index)
+
+
 @functools.cache
 def ensure_safe_backward(device_index: int, head_dim: int | None = None) -> None:
     """Lift fla's Hopper guard if, and only if, the kernels pass the self-check here, at the
@@ -89,7 +93,10 @@ def ensure_safe_backward(device_index: int, head_dim: int | None = None) -> None
         return
     chunk_o.TRITON_ABOVE_3_7_1 = True
     dims = (head_dim,) if head_dim else (64, 128)
-    errors = self_check(torch.device("cuda", device_index), dims)
+    # The first call can come inside an activation-checkpointed forward: own saved-tensor hooks keep
+    # the check's tensors out of the checkpoint, whose recomputation would otherwise not match.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        errors = self_check(_device(device_index), dims)
     worst = max(errors, key=errors.get)
     if errors[worst] > SELF_CHECK_TOLERANCE:
         chunk_o.TRITON_ABOVE_3_7_1 = False
