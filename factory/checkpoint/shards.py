@@ -73,15 +73,17 @@ class ShardWriter:
         return names
 
 
-def write_model_files(model, directory: str | Path, dtype: torch.dtype) -> None:
-    """What ``save_pretrained`` writes besides the weights: config (with dtype and architecture),
-    generation config, and for a registered custom class its modeling files."""
+def write_model_files(model, directory: str | Path, dtype: torch.dtype, config=None) -> None:
+    """What ``save_pretrained`` writes besides the weights: config (``model``'s unless another is
+    given, with dtype and architecture), generation config, and for a registered custom class its
+    modeling files."""
     from transformers.dynamic_module_utils import custom_object_save
 
-    model.config.dtype = str(dtype).removeprefix("torch.")
-    model.config.architectures = [type(model).__name__]
+    config = config or model.config
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [type(model).__name__]
     if model.is_remote_code():
-        custom_object_save(model, directory, config=model.config)
-    model.config.save_pretrained(directory)
+        custom_object_save(model, directory, config=config)
+    config.save_pretrained(directory)
     if model.can_generate():
         model.generation_config.save_pretrained(directory)

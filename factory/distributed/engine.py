@@ -78,11 +78,6 @@ class DeepSpeedTrainEngine:
     def barrier(self) -> None:
         self.env.barrier()
 
-    def full_state_dict(self) -> dict | None:
-        """The whole model on rank 0 (gathered one parameter group at a time), None elsewhere."""
-        state = self.engine._zero3_consolidated_16bit_state_dict()
-        return state if self.is_main else None
-
 
 def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
     """A teacher as a second ZeRO engine without optimizer (sharded, forward only)."""

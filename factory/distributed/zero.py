@@ -14,7 +14,6 @@ def zero_config(ds: DeepSpeedConfig, micro_batch: int, grad_accum: int, precisio
         "reduce_bucket_size": ds.reduce_bucket_size,
         "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
         "stage3_param_persistence_threshold": ds.param_persistence_threshold,
-        "stage3_gather_16bit_weights_on_model_save": True,
     }
     if ds.offload_optimizer and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

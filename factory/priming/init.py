@@ -130,20 +130,29 @@ def build_hybrid_from_teacher(teacher, layer_types: list[str], init: InitConfig,
     return hybrid
 
 
-def _is_converted_attention(key: str, converted: set[int]) -> bool:
+def student_key(config, key: str) -> bool:
+    """Whether a hybrid's state-dict name belongs to its student: converted layers' kept teacher
+    attention (``model.layers.<i>.self_attn.*``) does not."""
     parts = key.split(".")
-    return len(parts) > 3 and parts[2].isdigit() and int(parts[2]) in converted and parts[3] == "self_attn"
+    converted = len(parts) > 3 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) in set(config.linear_layers)
+    return not (converted and parts[3] == "self_attn")
+
+
+def student_config(config):
+    """The config of the student alone (no kept teacher attention)."""
+    from factory.models.hqwen3 import HQwen3Config
+
+    data = config.to_dict()
+    data.pop("auto_map", None)
+    data.update(keep_teacher_attention=False)
+    return HQwen3Config(**data)
 
 
 def drop_teacher_attention(config, state: dict):
     """The student alone, from a hybrid's config and full state dict: converted layers lose
     their kept attention (after alignment)."""
-    from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
+    from factory.models.hqwen3 import HQwen3ForCausalLM
 
-    data = config.to_dict()
-    data.pop("auto_map", None)
-    data.update(keep_teacher_attention=False)
-    student = HQwen3ForCausalLM(HQwen3Config(**data))
-    converted = set(config.linear_layers)
-    student.load_state_dict({k: v for k, v in state.items() if not _is_converted_attention(k, converted)})
+    student = HQwen3ForCausalLM(student_config(config))
+    student.load_state_dict({k: v for k, v in state.items() if student_key(config, k)})
     return student.to(next(iter(state.values())).dtype)

@@ -42,7 +42,7 @@ def run_init(ctx: StageContext) -> dict:
         shutil.rmtree(ctx.out_model_dir, ignore_errors=True)  # no stale shards from an earlier attempt
     teacher = ctx.load_teacher()
     if ctx.zero3:
-        from factory.distributed.sharded_init import build_sharded, init_sharded
+        from factory.distributed.sharded import build_sharded, init_sharded
         from factory.models.hqwen3 import HQwen3ForCausalLM
 
         config = hybrid_config(teacher.config, layer_types, ctx.cfg.init, keep_teacher_attention=True)

@@ -76,9 +76,6 @@ class LocalEngine:
         self.model.load_state_dict(state.pop("model"))
         self.load_state_dict(state)
 
-    def full_state_dict(self) -> dict:
-        return self.model.state_dict()
-
     @staticmethod
     def any_rank(flag: bool) -> bool:
         return flag

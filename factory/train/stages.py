@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from factory.data.loader import RowLoader
 from factory.data.chat import pack_conversations, read_conversations
 from factory.data.packing import IGNORE_INDEX, PackedRows, packed_rows
 from factory.distill.losses import alignment_mse, tiled_cross_entropy, tiled_kl_loss
-from factory.priming.init import drop_teacher_attention
+from factory.priming.init import drop_teacher_attention, student_config, student_key
 from factory.stage_context import StageContext
 from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
 from factory.train.engine import LocalEngine
@@ -24,21 +26,14 @@ from factory.train.loop import StepState, train_loop
 TRAINABLE_SETS = ("gdn", "gdn+norms", "gdn+norms+attention", "all")
 
 
-
-def _kept_teacher_attention(name: str, converted: set[int]) -> bool:
-    parts = name.split(".")
-    return len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in converted and parts[3] == "self_attn"
-
-
 def select_trainable(model, trainable: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze everything, then unfreeze the named set. Kept teacher attention never trains."""
     if trainable not in TRAINABLE_SETS:
         raise ValueError(f"trainable '{trainable}' is not one of {TRAINABLE_SETS}")
-    converted = set(model.config.linear_layers)
     model.requires_grad_(False)
     chosen = []
     for name, p in model.named_parameters():
-        if _kept_teacher_attention(name, converted):
+        if not student_key(model.config, name):
             continue
         gdn = ".linear_attn." in name
         norm = trainable.startswith("gdn+norms") and "norm" in name
@@ -114,25 +109,31 @@ def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
                        [*_callbacks(ctx, stage_cfg, state.step), checkpoints], ctx.device, state,
                        data_parallel_size=ctx.env.world_size // sp_degree)
     model.eval()
-    ctx.trained_state = engine.full_state_dict()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
             "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}
 
 
-def _save(ctx: StageContext, model) -> None:
-    """Rank 0 writes the HF directory from the full (gathered) state dict of the stage's engine."""
-    state = ctx.trained_state
-    if not ctx.env.is_main:
-        return
-    if model.config.keep_teacher_attention:
-        model = drop_teacher_attention(model.config, state)
-    elif ctx.zero3:
-        from factory.models.hqwen3 import HQwen3ForCausalLM
+def _save(ctx: StageContext, model) -> dict:
+    """The stage's output model as an HF directory: the student alone (a hybrid that kept teacher
+    attention for alignment drops it). Under ZeRO-3 every rank takes part and rank 0 writes it
+    one submodule at a time (returns the gather statistics); otherwise rank 0 saves it whole."""
+    keep_all = not model.config.keep_teacher_attention
+    stats = {}
+    if ctx.zero3:
+        from factory.distributed.sharded import save_sharded
 
-        model = HQwen3ForCausalLM(model.config)
-        model.load_state_dict(state)
-    model.save_pretrained(ctx.out_model_dir)
-    ctx.tokenizer.save_pretrained(ctx.out_model_dir)
+        if ctx.env.is_main:  # no stale shards from an earlier attempt
+            shutil.rmtree(ctx.out_model_dir, ignore_errors=True)
+        ctx.env.barrier()
+        stats = save_sharded(model, ctx.out_model_dir, ctx.env.is_main,
+                             keep=None if keep_all else partial(student_key, model.config),
+                             config=None if keep_all else student_config(model.config))
+    elif ctx.env.is_main:
+        (model if keep_all else drop_teacher_attention(model.config, model.state_dict())).save_pretrained(
+            ctx.out_model_dir)
+    if ctx.env.is_main:
+        ctx.tokenizer.save_pretrained(ctx.out_model_dir)
+    return {"save": stats} if stats else {}
 
 
 def align_loss_fn(model, loss: str):
@@ -168,8 +169,7 @@ def run_align(ctx: StageContext) -> dict:
     params = select_trainable(model, "gdn")
     result = run_training(ctx, cfg, model, params, align_loss_fn(model, cfg.loss))
     model.model.set_mixer_mode("student")
-    _save(ctx, model)
-    return result
+    return {**result, **_save(ctx, model)}
 
 
 def load_student(ctx: StageContext):
@@ -211,8 +211,7 @@ def run_distill(ctx: StageContext) -> dict:
         raise RuntimeError(f"distill.trainable={cfg.trainable} trains the LM head, which the tiled loss cannot do "
                            "under ZeRO-3; use trainable=gdn or gdn+norms")
     result = run_training(ctx, cfg, student, params, distill_loss_fn(ctx, cfg, student, teacher))
-    _save(ctx, student)
-    return result
+    return {**result, **_save(ctx, student)}
 
 
 def next_token_sum(ctx: StageContext, model, batch: dict, tile_tokens: int) -> tuple[torch.Tensor, int]:
@@ -269,8 +268,8 @@ def run_longctx(ctx: StageContext) -> dict:
     result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp_degree=cfg.sp_degree)
     if sp is not None:
         student.set_attn_implementation(ctx.cfg.model.attn_implementation)
-    _save(ctx, student)
-    return {**result, "seq_len": seq_len, "rope_theta": cfg.rope_theta, "sp_degree": cfg.sp_degree}
+    return {**result, **_save(ctx, student), "seq_len": seq_len, "rope_theta": cfg.rope_theta,
+            "sp_degree": cfg.sp_degree}
 
 
 def run_sft(ctx: StageContext) -> dict:
@@ -289,5 +288,5 @@ def run_sft(ctx: StageContext) -> dict:
         return total / max(1, count), {}
 
     result = run_training(ctx, cfg, student, params, next_token, rows=rows)
-    _save(ctx, student)
-    return {**result, "conversations": stats.conversations, "truncated": stats.truncated, "dropped": stats.dropped}
+    return {**result, **_save(ctx, student), "conversations": stats.conversations, "truncated": stats.truncated,
+            "dropped": stats.dropped}

@@ -87,3 +87,27 @@ def test_no_rank_held_more_than_one_layer_pair(runs):
     # Gathered at once: one submodule of the teacher and the same one of the hybrid, never more.
     assert 0 < meta["gathered_peak_params"] <= meta["largest_group_params"] <= 2 * max(layer, embedding)
     assert meta["gathered_peak_params"] < sum(p.numel() for p in hybrid.parameters()) / 2
+
+
+def test_training_stage_saves_the_student_one_layer_at_a_time(runs):
+    """align under ZeRO-3 writes its student through the same per-layer walk: sharded files, no kept
+    teacher attention, the trained GDN weights, frozen weights as init left them."""
+    from factory.models.hqwen3 import HQwen3ForCausalLM
+    from factory.priming.init import drop_teacher_attention
+
+    sharded, _ = runs
+    model_dir = sharded / "03-align" / "model"
+    assert len(list(model_dir.glob("model-*.safetensors"))) > 1 and (model_dir / "tokenizer_config.json").exists()
+    student = HQwen3ForCausalLM.from_pretrained(model_dir)
+    hybrid = HQwen3ForCausalLM.from_pretrained(sharded / "02-init" / "model")
+    want = drop_teacher_attention(hybrid.config, hybrid.state_dict()).state_dict()
+    got = student.state_dict()
+    assert not student.config.keep_teacher_attention and got.keys() == want.keys()
+    gdn = [k for k in want if ".linear_attn." in k]
+    assert any(not torch.equal(got[k], want[k]) for k in gdn), "the align step's update was not saved"
+    for key in want.keys() - set(gdn):
+        assert torch.equal(got[key], want[key]), key
+    stats = json.loads((sharded / "03-align" / "stage.json").read_text())["save"]
+    layer = max(sum(p.numel() for p in m.parameters()) for m in hybrid.model.layers)
+    embedding = hybrid.model.embed_tokens.weight.numel()
+    assert 0 < stats["gathered_peak_params"] <= stats["largest_group_params"] <= max(layer, embedding)

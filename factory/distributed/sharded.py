@@ -1,10 +1,13 @@
-"""Attention -> GDN initialization of ZeRO-3 partitioned models, one submodule at a time.
+"""Whole-model work on ZeRO-3 partitioned models, one submodule at a time: no process ever holds
+a whole model (a Qwen3-32B is 65 GB in bf16).
 
-Teacher and hybrid are both partitioned over the ranks (``zero.Init``); neither is ever whole
-on one process. For each of ``init_groups`` (the embedding, each decoder layer, the final norm,
-the LM head) every rank gathers that submodule of both models, rank 0 fills the hybrid's with
-the single-process code (``init_group``) and hands its tensors to a ``ShardWriter``; leaving the
-block broadcasts rank 0's values into every rank's shards and frees the gathered tensors.
+Initialization: teacher and hybrid are both partitioned over the ranks (``zero.Init``). For each of
+``init_groups`` (the embedding, each decoder layer, the final norm, the LM head) every rank gathers
+that submodule of both models, rank 0 fills the hybrid's with the single-process code
+(``init_group``) and hands its tensors to a ``ShardWriter``; leaving the block broadcasts rank 0's
+values into every rank's shards and frees the gathered tensors.
+
+Saving (the training stages' output model): the same walk over one model, rank 0 writing.
 """
 
 from __future__ import annotations
@@ -79,4 +82,37 @@ def init_sharded(teacher, hybrid, init: InitConfig, seed: int, out_dir: str | Pa
             raise RuntimeError(f"sharded initialization missed {sorted(missing)[:4]}")
         stats["shards"] = len(writer.close())
         write_model_files(hybrid, out_dir, next(hybrid.parameters()).dtype)
+    return stats
+
+
+def save_sharded(model, out_dir: str | Path, is_main: bool, keep=None, config=None,
+                 max_shard_bytes: int | None = None) -> dict:
+    """Write the partitioned ``model`` from rank 0 as a sharded safetensors checkpoint in ``out_dir``,
+    gathering one submodule at a time. Collective: every rank calls it. ``keep(name)`` filters the
+    state-dict names; ``config`` is written instead of the model's (with ``keep``, the config of the
+    model those names make). Returns the same gather statistics as ``init_sharded``."""
+    import deepspeed
+
+    from factory.checkpoint import shards
+    from factory.priming.init import init_groups, saved_names
+
+    keep = keep or (lambda name: True)
+    params = list(model.parameters())
+    writer = ShardWriter(out_dir, max_shard_bytes or shards.DEFAULT_SHARD_BYTES) if is_main else None
+    stats = {"persistent_params": _resident(params), "gathered_peak_params": 0, "largest_group_params": 0}
+    for name in init_groups(model.config):
+        part = model.get_submodule(name)
+        with deepspeed.zero.GatheredParameters(list(part.parameters()), modifier_rank=None):
+            stats["gathered_peak_params"] = max(stats["gathered_peak_params"], _resident(params))
+            stats["largest_group_params"] = max(stats["largest_group_params"], _full_size(part))
+            if is_main:
+                for key, tensor in part.state_dict(prefix=f"{name}.").items():
+                    if keep(key):
+                        writer.add(key, tensor)
+    if is_main:
+        missing = {k for k in saved_names(model) if keep(k)} - writer.written
+        if missing:
+            raise RuntimeError(f"sharded save missed {sorted(missing)[:4]}")
+        stats["shards"] = len(writer.close())
+        write_model_files(model, out_dir, next(model.parameters()).dtype, config)
     return stats
