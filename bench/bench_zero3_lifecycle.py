@@ -44,7 +44,6 @@ from bench_zero3_throughput import (  # noqa: E402
     build,
     gather,
     model_config,
-    release_zero3_modules,
     setup_run,
     versions,
 )
@@ -113,8 +112,10 @@ def train(engine, loss_fn, steps: int, state, args, run):
 
 
 def free(engine, model) -> None:
+    from factory.distributed.engine import release_modules
+
     engine.engine.destroy()
-    release_zero3_modules([model])
+    release_modules([model])
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -249,18 +249,9 @@ class StepTimer:
 
 # --------------------------------------------------------------------------- one arm
 
-def release_zero3_modules(modules) -> None:
-    """DeepSpeed's ZeRO-3 parameter offload appends each engine's top module to a module-level
-    stack and never pops it (0.19.8), which would keep every arm's model alive in the next."""
-    from deepspeed.runtime.zero import parameter_offload
-
-    stack = parameter_offload.FWD_MODULE_STACK
-    stack[:] = [m for m in stack if not any(m is x for x in modules)]
-
-
 def time_arm(arm: str, args, run) -> dict:
     """Build the arm, train ``warmup + steps`` steps through the project's loop, free everything."""
-    from factory.distributed.engine import DeepSpeedTrainEngine
+    from factory.distributed.engine import DeepSpeedTrainEngine, release_modules
     from factory.train.loop import train_loop
 
     device, env = run["device"], run["env"]
@@ -280,7 +271,7 @@ def time_arm(arm: str, args, run) -> dict:
               "flops": setup["flops"], "trainable_params": sum(_numel(p) for _, p in setup["params"]),
               "params": sum(_numel(p) for p in model.parameters())}
     engine.engine.destroy()
-    release_zero3_modules([model, setup.get("teacher")])
+    release_modules([model, setup.get("teacher")])
     del engine, setup, model, state
     gc.collect()
     if device.type == "cuda":

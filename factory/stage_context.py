@@ -17,7 +17,7 @@ from factory.rundir import model_dir
 
 TRAINING_STAGES = ("align", "distill", "longctx", "sft")
 # Run on every rank only under ZeRO-3, where no rank may hold the whole model; on rank 0 otherwise.
-SHARDED_STAGES = ("init",)
+SHARDED_STAGES = ("init", "eval")
 
 
 @dataclass
@@ -30,11 +30,10 @@ class StageContext:
     precision: str  # fp32 | bf16
     stage_hash: str = ""
     env: DistEnv = DistEnv()
-    trained_state: dict | None = None  # the training stage's full state dict (rank 0)
 
     @property
     def collective(self) -> bool:
-        """Training stages run on every rank, and so does init under ZeRO-3; the others on rank 0 alone."""
+        """Training stages run on every rank, and so do init and eval under ZeRO-3; the others on rank 0 alone."""
         return self.name in TRAINING_STAGES or (self.name in SHARDED_STAGES and self._zero3_configured)
 
     @property
@@ -53,6 +52,15 @@ class StageContext:
         from factory.distributed.engine import gathered_parameters
 
         return gathered_parameters(params)
+
+    def forward_only(self, model):
+        """``model`` ready for forward passes for the block: as it is, or under ZeRO-3 in a forward-only
+        engine (whose hooks gather one layer at a time), released on exit."""
+        if not self.zero3:
+            return contextlib.nullcontext(model)
+        from factory.distributed.engine import forward_only
+
+        return forward_only(model, self.cfg.deepspeed, self.precision)
 
     def sharded_loading(self):
         if not self.zero3:

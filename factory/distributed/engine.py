@@ -81,12 +81,37 @@ class DeepSpeedTrainEngine:
 
 def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
     """A teacher as a second ZeRO engine without optimizer (sharded, forward only)."""
+    return _forward_engine(model, ds, precision, micro_batch).module
+
+
+def _forward_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
     import deepspeed
 
     config = zero_config(ds, micro_batch, 1, precision, 0.0, train=False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
-    return engine.module
+    return engine
+
+
+@contextlib.contextmanager
+def forward_only(model, ds: DeepSpeedConfig, precision: str, micro_batch: int = 1):
+    """``frozen_engine`` for the duration of the block; the engine is then destroyed and the module
+    released, so a sequence of partitioned models (eval) does not pile up in memory."""
+    engine = _forward_engine(model, ds, precision, micro_batch)
+    try:
+        yield engine.module
+    finally:
+        engine.destroy()
+        release_modules([engine.module])
+
+
+def release_modules(modules) -> None:
+    """DeepSpeed's ZeRO-3 parameter offload appends each engine's top module to a module-level
+    stack and never pops it (0.19.8), which would keep every finished engine's model alive."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if not any(m is x for x in modules if x is not None)]
 
 
 def convert_to_universal(checkpoint: Path) -> Path:

@@ -49,4 +49,5 @@ def recurrent_state_bytes(config, bytes_per_value: int = 4) -> int:
 
 
 def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Whole-model count, also of a ZeRO-3 partitioned model (whose local tensors are empty)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -8,7 +8,6 @@ from pathlib import Path
 from factory.data.chat import read_conversations
 from factory.data.packing import packed_rows
 from factory.eval.chat import chat_agreement
-from factory.priming.init import drop_teacher_attention
 from factory.rundir import model_dir, read_stage
 from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
 from factory.eval.retrieval import retrieval_accuracy
@@ -36,18 +35,18 @@ def _stage_model_metrics(ctx: StageContext, teacher, rows, stage_dir: Path | Non
     """Held-out metrics of an earlier stage's model (e.g. right after init: the floor training lifts)."""
     if stage_dir is None:
         return None
-    hybrid = ctx.load_hybrid(model_dir(stage_dir))
-    if hybrid.config.keep_teacher_attention:
-        hybrid = drop_teacher_attention(hybrid.config, hybrid.state_dict()).to(ctx.device)
-    e = ctx.cfg.eval
-    return heldout_metrics(teacher, hybrid.eval(), rows, e.heldout_rows, e.batch_size, ctx.device)
+    with ctx.forward_only(ctx.load_hybrid(model_dir(stage_dir)).eval()) as hybrid:
+        if hybrid.config.keep_teacher_attention:
+            hybrid.model.set_mixer_mode("student")  # GDN in converted layers, the kept attention unused
+        e = ctx.cfg.eval
+        return heldout_metrics(teacher, hybrid, rows, e.heldout_rows, e.batch_size, ctx.device)
 
 
 def _chat(ctx: StageContext, teacher, student) -> dict:
     e = ctx.cfg.eval
     conversations = read_conversations(ctx.cfg.data.chat_heldout_files)
     return chat_agreement(teacher, student, ctx.tokenizer, conversations, e.chat_prompts, e.chat_max_new_tokens,
-                          ctx.device)
+                          ctx.device, synced=ctx.zero3 and ctx.env.world_size > 1)
 
 
 def _before_sft(stage_dir: Path) -> Path | None:
@@ -57,14 +56,22 @@ def _before_sft(stage_dir: Path) -> Path | None:
 
 
 def run_eval(ctx: StageContext) -> dict:
+    """Teacher against the primed hybrid. Under ZeRO-3 every rank takes part with partitioned models
+    (the same inputs on each, so the same results) and rank 0 writes them."""
     from factory.train.stages import load_student
 
-    teacher = ctx.load_teacher()
-    student = load_student(ctx).eval()
-    e = ctx.cfg.eval
     rows = packed_rows(ctx.cfg.data.heldout_files, ctx.tokenizer, ctx.cfg.data.seq_len, ctx.cfg.data.text_field,
                        ctx.cache_dir)
-    result = {
+    with ctx.forward_only(ctx.load_teacher()) as teacher, ctx.forward_only(load_student(ctx).eval()) as student:
+        result = _evaluate(ctx, teacher, student, rows)
+    if ctx.env.is_main:
+        (ctx.stage_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return {"tokens": 0, "student_loss": result["heldout"]["student_loss"], "partitioned_models": ctx.zero3}
+
+
+def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
+    e = ctx.cfg.eval
+    return {
         "heldout": heldout_metrics(teacher, student, rows, e.heldout_rows, e.batch_size, ctx.device),
         "heldout_initialized_hybrid": _stage_model_metrics(ctx, teacher, rows, ancestor(ctx.parent_dir, "init")),
         "heldout_before_sft": _stage_model_metrics(ctx, teacher, rows, _before_sft(ctx.parent_dir)),
@@ -77,8 +84,6 @@ def run_eval(ctx: StageContext) -> dict:
         "chat": _chat(ctx, teacher, student) if "sft" in ctx.cfg.stages else None,
         "train_seq_len": ctx.cfg.data.seq_len,
     }
-    (ctx.stage_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    return {"tokens": 0, "student_loss": result["heldout"]["student_loss"]}
 
 
 def summary_table(result: dict, recipe: str) -> str:

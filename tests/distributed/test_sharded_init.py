@@ -37,13 +37,14 @@ def launch(nproc: int, **args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """The same select + init, sharded on 2 ranks and on one process without DeepSpeed. The sharded
-    run goes on with one align step: a training stage loads the sharded checkpoint (zero.Init)."""
+    run goes on with one align and one sft step (a training stage loads the sharded checkpoint with
+    zero.Init and saves its own the same way) and a sharded eval."""
     from factory.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("init")
     stages = ["select", "init"]
-    result = launch(2, assets=assets, output_dir=str(root / "sharded"), stages=[*stages, "align"], steps=1,
-                    shard_bytes=SHARD_BYTES)
+    result = launch(2, assets=assets, output_dir=str(root / "sharded"), stages=[*stages, "align", "sft", "eval"],
+                    steps=1, shard_bytes=SHARD_BYTES)
     assert result.returncode == 0, result.stderr[-3000:]
     run_pipeline(tiny_pipeline_config(assets, root / "single", stages=stages), "")
     return root / "sharded", root / "single"
@@ -111,3 +112,24 @@ def test_training_stage_saves_the_student_one_layer_at_a_time(runs):
     layer = max(sum(p.numel() for p in m.parameters()) for m in hybrid.model.layers)
     embedding = hybrid.model.embed_tokens.weight.numel()
     assert 0 < stats["gathered_peak_params"] <= stats["largest_group_params"] <= max(layer, embedding)
+
+
+def test_sharded_eval_equals_whole_model_eval(runs, assets, tmp_path):
+    """eval under ZeRO-3 (2 ranks, partitioned teacher, student and earlier stages' models, chat
+    generation with synced ranks) gives what one process computes on the same models."""
+    from factory.eval.stage import run_eval
+    from factory.stage_context import StageContext
+
+    sharded, _ = runs
+    cfg = tiny_pipeline_config(assets, tmp_path, stages=["select", "init", "align", "sft", "eval"])
+    ctx = StageContext(cfg, "eval", tmp_path, sharded / "04-sft", torch.device("cpu"), "fp32")
+    run_eval(ctx)
+    want = json.loads((tmp_path / "eval.json").read_text())
+    got = json.loads((sharded / "05-eval" / "eval.json").read_text())
+    assert json.loads((sharded / "05-eval" / "stage.json").read_text())["partitioned_models"]
+    assert got["chat"]["prompts"] > 0 and got["heldout_before_sft"] and got["heldout_initialized_hybrid"]
+    assert got["parameters"] == want["parameters"] and got["chat"] == want["chat"]
+    assert got["retrieval"] == want["retrieval"]
+    for key in ("heldout", "heldout_before_sft", "heldout_initialized_hybrid"):
+        for metric, value in want[key].items():
+            assert got[key][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, metric)
