@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
-from factory.models.hqwen3.remote_code import save_self_contained
+from factory.checkpoint.shards import INDEX_NAME, ShardWriter, write_model_files
+from factory.models.hqwen3.remote_code import write_remote_code
+from factory.priming.init import student_config, student_key
 from factory.rundir import read_stage
 from factory.stage_context import StageContext
 
@@ -57,19 +62,54 @@ files here need only torch and transformers (flash-linear-attention is used on C
 """
 
 
-def run_export(ctx: StageContext) -> dict:
-    from factory.train.stages import load_student
+def weight_files(model_directory: Path) -> list[Path]:
+    """The safetensors files of an HF directory, in index order when sharded."""
+    index = model_directory / INDEX_NAME
+    if index.exists():
+        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        return [model_directory / name for name in names]
+    return [model_directory / "model.safetensors"]
 
-    model = load_student(ctx).to(DTYPES[ctx.cfg.export.dtype])
-    out = ctx.out_model_dir
-    save_self_contained(model, out)
+
+def stream_weights(source: Path, out: Path, dtype: torch.dtype, keep) -> int:
+    """Copy the tensors ``keep`` accepts from ``source`` to ``out`` one at a time, floating point
+    ones cast to ``dtype``: a 32B model is never whole in memory. Returns the tensors written."""
+    from safetensors import safe_open
+
+    writer = ShardWriter(out)
+    for path in weight_files(source):
+        with safe_open(str(path), framework="pt") as tensors:
+            for key in tensors.keys():
+                if keep(key):
+                    tensor = tensors.get_tensor(key)
+                    writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    writer.close()
+    return len(writer.written)
+
+
+def run_export(ctx: StageContext) -> dict:
+    """The parent's student, streamed file by file into a self-contained HF directory in the export dtype."""
+    from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
+
+    source, out = ctx.parent_model_dir, ctx.out_model_dir
+    shutil.rmtree(out, ignore_errors=True)
+    config = HQwen3Config.from_pretrained(source)
+    keep = partial(student_key, config) if config.keep_teacher_attention else (lambda key: True)
+    config = student_config(config) if config.keep_teacher_attention else config
+    dtype = DTYPES[ctx.cfg.export.dtype]
+    tensors = stream_weights(source, out, dtype, keep)
+    with torch.device("meta"):  # for the files beside the weights; no memory
+        model = HQwen3ForCausalLM(config)
+    write_model_files(model, out, dtype)
+    write_remote_code(out)
     ctx.tokenizer.save_pretrained(out)
-    model.generation_config.eos_token_id = ctx.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = ctx.tokenizer.pad_token_id or ctx.tokenizer.eos_token_id
-    model.generation_config.save_pretrained(out)
+    generation = GenerationConfig.from_model_config(config)
+    generation.eos_token_id = ctx.tokenizer.eos_token_id
+    generation.pad_token_id = ctx.tokenizer.pad_token_id or ctx.tokenizer.eos_token_id
+    generation.save_pretrained(out)
     stages = lineage(ctx.parent_dir)
-    (out / "README.md").write_text(model_card(model.config, stages, ctx.cfg.model.path, ctx.cfg.recipe))
+    (out / "README.md").write_text(model_card(config, stages, ctx.cfg.model.path, ctx.cfg.recipe))
     (out / "priming.json").write_text(json.dumps({"recipe": ctx.cfg.recipe, "teacher": ctx.cfg.model.path,
                                                   "stages": stages}, indent=2, default=str) + "\n")
     print(f"[export] {out}")
-    return {"export_dir": str(out), "tokens": 0}
+    return {"export_dir": str(out), "tokens": 0, "tensors": tensors}
