@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
-from factory.models.hqwen3.remote_code import save_self_contained
+from factory.models.hqwen3.remote_code import write_remote_code
 from tests.helpers import TINY, hybrid_config, tiny_hybrid
 
 
@@ -72,7 +72,8 @@ def test_cached_greedy_generation_equals_full_forward_argmax():
 
 def test_save_load_with_trust_remote_code_in_fresh_process(tmp_path):
     model = tiny_hybrid(seed=2)
-    save_self_contained(model, tmp_path)
+    model.save_pretrained(tmp_path)
+    write_remote_code(tmp_path)
     assert model.config.to_dict()["auto_map"]["AutoModelForCausalLM"].endswith("HQwen3ForCausalLM")
     ids = torch.arange(1, 30).unsqueeze(0)
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """Self-contained modeling files for saved checkpoints.
 
 ``save_pretrained`` copies the modeling files for ``trust_remote_code`` loading, but ours import
-``factory``. A served checkpoint must load without this package, so ``save_self_contained``
-also writes the GDN layer and the kernels beside it, their ``factory`` imports made relative.
+``factory``. A served checkpoint must load without this package, so ``write_remote_code`` (run
+after the weights and config are written) also writes the GDN layer and the kernels beside them,
+their ``factory`` imports made relative.
 """
 
 from __future__ import annotations
@@ -42,9 +43,3 @@ def write_remote_code(save_directory: str | Path) -> None:
     for module, name in REMOTE_FILES.items():
         text = _relative_imports(_source_path(module).read_text())
         (save_directory / f"{name}.py").write_text(text)
-
-
-def save_self_contained(model, save_directory: str | Path, **kwargs) -> None:
-    """``save_pretrained`` plus modeling files that need only torch and transformers."""
-    model.save_pretrained(save_directory, **kwargs)
-    write_remote_code(save_directory)
