@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from factory.config.schema import PrimeConfig  # noqa: E402
 from factory.data.packing import IGNORE_INDEX  # noqa: E402
 from factory.distributed.sequence_parallel import build_sequence_parallel  # noqa: E402
+from factory.distributed.tiled_mlp import apply_tiled_mlp  # noqa: E402
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM  # noqa: E402
 from factory.priming.select import alternate_layers  # noqa: E402
 from factory.train.stages import extend_context, next_token_sum, select_trainable  # noqa: E402
@@ -83,6 +84,8 @@ def build_model(kind: str, args, sp, device, dtype):
     extend_context(model, ROPE_THETA, args.max_tokens)
     sp.apply(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.tiled_mlp_tokens:
+        apply_tiled_mlp(model, args.tiled_mlp_tokens)
     select_trainable(model, args.trainable)
     return model
 
@@ -223,6 +226,8 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen3-8B has 36), half GDN")
     parser.add_argument("--docs", type=int, default=1, help="documents per row (attention per document)")
     parser.add_argument("--trainable", default=STAGE.trainable)
+    parser.add_argument("--tiled-mlp-tokens", type=int, default=0,
+                        help="MLP sequence tile per rank (ALST; the stage's longctx.tiled_mlp_tokens); 0: whole rows")
     parser.add_argument("--loss-tile-tokens", type=int, default=STAGE.loss_tile_tokens, help="loss sequence tile")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)

@@ -254,6 +254,10 @@ def run_longctx(ctx: StageContext) -> dict:
         sp.apply(student)
     if cfg.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.tiled_mlp_tokens:
+        from factory.distributed.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(student, cfg.tiled_mlp_tokens)
     params = select_trainable(student, cfg.trainable)
     rows = packed_rows(cfg.data_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field, ctx.cache_dir,
                        ctx.cfg.data.num_proc)

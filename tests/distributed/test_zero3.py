@@ -121,3 +121,18 @@ def test_longctx_with_sequence_parallelism_under_zero3(assets, tmp_path):
     assert meta["tokens"] == 2 * 2 * 128  # one data-parallel replica: 2 steps x 2 rows x 128 tokens
     config = json.loads((out / "04-longctx" / "model" / "config.json").read_text())
     assert config["rope_parameters"]["rope_theta"] == 20000.0
+
+
+def test_tiled_mlp_under_zero3_and_sequence_parallelism_matches_whole_rows(assets, tmp_path):
+    """longctx with sequence-tiled MLPs (ZeRO-3 gradients held back until the last tile) gives the
+    per-step losses of whole-row MLPs."""
+    runs = {}
+    for tiles in (0, 24):
+        out = tmp_path / f"tiles{tiles}"
+        result = launch(2, assets=assets, output_dir=str(out), stages=["select", "init", "align", "longctx"],
+                        steps=3, **{"longctx.sp_degree": 2, "longctx.tiled_mlp_tokens": tiles})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[tiles] = losses(out, "04-longctx")
+    assert len(runs[0]) == 3 and runs[0].keys() == runs[24].keys()
+    for step, loss in runs[0].items():
+        assert runs[24][step] == pytest.approx(loss, rel=1e-5), step
