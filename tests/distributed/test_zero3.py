@@ -104,7 +104,9 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_then_stops(assets, tmp_path)
 
 def test_changed_config_resume_is_refused(assets, tmp_path):
     out = tmp_path / "run"
-    launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, kill_after_step=2, **checkpointed())
+    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, kill_after_step=2,
+                    **checkpointed())
+    assert (out / "03-align" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
     refused = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4,
                      **checkpointed(**{"seed": 7}))
     assert refused.returncode != 0
