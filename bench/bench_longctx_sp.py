@@ -55,6 +55,7 @@ from factory.distributed.sequence_parallel import build_sequence_parallel  # noq
 from factory.distributed.tiled_mlp import apply_tiled_mlp  # noqa: E402
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM  # noqa: E402
 from factory.priming.select import alternate_layers  # noqa: E402
+from factory.train.checkpoint_offload import offload_checkpoints  # noqa: E402
 from factory.train.stages import extend_context, next_token_sum, select_trainable  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's directory)
 
@@ -84,6 +85,8 @@ def build_model(kind: str, args, sp, device, dtype):
     extend_context(model, ROPE_THETA, args.max_tokens)
     sp.apply(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.offload_checkpoints:
+        offload_checkpoints(model)
     if args.tiled_mlp_tokens:
         apply_tiled_mlp(model, args.tiled_mlp_tokens)
     select_trainable(model, args.trainable)
@@ -228,6 +231,8 @@ def parse_args(argv=None):
     parser.add_argument("--trainable", default=STAGE.trainable)
     parser.add_argument("--tiled-mlp-tokens", type=int, default=0,
                         help="MLP sequence tile per rank (ALST; the stage's longctx.tiled_mlp_tokens); 0: whole rows")
+    parser.add_argument("--offload-checkpoints", action="store_true",
+                        help="keep activation checkpoints in CPU memory (the stage's longctx.offload_checkpoints)")
     parser.add_argument("--loss-tile-tokens", type=int, default=STAGE.loss_tile_tokens, help="loss sequence tile")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)

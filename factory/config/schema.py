@@ -105,6 +105,7 @@ class LongContextConfig(TrainStageConfig):
     max_position_embeddings: int = 8192
     sp_degree: int = 1
     activation_checkpointing: bool = False
+    offload_checkpoints: bool = False  # keep the checkpointed layer inputs in CPU memory (ALST)
     tiled_mlp_tokens: int = 0  # > 0: each MLP runs over tiles of this many tokens (ALST); 0: whole rows
     data_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/long.jsonl"])
 

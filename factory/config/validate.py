@@ -81,6 +81,8 @@ def validate_static(cfg: PrimeConfig) -> None:
 def _check_long_context(cfg: PrimeConfig) -> None:
     lc = cfg.longctx
     _positive("longctx.sp_degree", lc.sp_degree)
+    if lc.offload_checkpoints and not lc.activation_checkpointing:
+        raise ConfigError("longctx.offload_checkpoints=true needs longctx.activation_checkpointing=true")
     if lc.tiled_mlp_tokens < 0:
         raise ConfigError(f"longctx.tiled_mlp_tokens={lc.tiled_mlp_tokens} must be 0 (off) or a positive token count")
     _positive("longctx.rope_theta", lc.rope_theta)

@@ -254,6 +254,10 @@ def run_longctx(ctx: StageContext) -> dict:
         sp.apply(student)
     if cfg.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.offload_checkpoints:
+        from factory.train.checkpoint_offload import offload_checkpoints
+
+        offload_checkpoints(student)
     if cfg.tiled_mlp_tokens:
         from factory.distributed.tiled_mlp import apply_tiled_mlp
 

@@ -125,16 +125,21 @@ def test_longctx_with_sequence_parallelism_under_zero3(assets, tmp_path):
     assert config["rope_parameters"]["rope_theta"] == 20000.0
 
 
-def test_tiled_mlp_under_zero3_and_sequence_parallelism_matches_whole_rows(assets, tmp_path):
-    """longctx with sequence-tiled MLPs (ZeRO-3 gradients held back until the last tile) gives the
-    per-step losses of whole-row MLPs."""
+def test_longctx_memory_options_under_zero3_and_sequence_parallelism_match_plain_rows(assets, tmp_path):
+    """longctx with sequence-tiled MLPs (ZeRO-3 gradients held back until the last tile) and with
+    activation checkpoints offloaded to CPU memory gives the per-step losses of plain rows."""
+    options = {"plain": {}, "tiled_mlp": {"longctx.tiled_mlp_tokens": 24},
+               "offloaded_checkpoints": {"longctx.activation_checkpointing": True,
+                                         "longctx.offload_checkpoints": True}}
     runs = {}
-    for tiles in (0, 24):
-        out = tmp_path / f"tiles{tiles}"
+    for name, overrides in options.items():
+        out = tmp_path / name
         result = launch(2, assets=assets, output_dir=str(out), stages=["select", "init", "align", "longctx"],
-                        steps=3, **{"longctx.sp_degree": 2, "longctx.tiled_mlp_tokens": tiles})
+                        steps=3, **{"longctx.sp_degree": 2, **overrides})
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[tiles] = losses(out, "04-longctx")
-    assert len(runs[0]) == 3 and runs[0].keys() == runs[24].keys()
-    for step, loss in runs[0].items():
-        assert runs[24][step] == pytest.approx(loss, rel=1e-5), step
+        runs[name] = losses(out, "04-longctx")
+    assert len(runs["plain"]) == 3
+    for name in ("tiled_mlp", "offloaded_checkpoints"):
+        assert runs[name].keys() == runs["plain"].keys(), name
+        for step, loss in runs["plain"].items():
+            assert runs[name][step] == pytest.approx(loss, rel=1e-5), (name, step)

@@ -168,6 +168,7 @@ def test_ratio_outside_open_interval(ratio):
     ("logger.mode=cloud", ["'cloud'", "offline, online"]),
     ("deepspeed.zero_stage=4", ["deepspeed.zero_stage=4", "0, 1, 2, 3"]),
     ("longctx.sp_degree=3", ["longctx.seq_len=2048 is not divisible by longctx.sp_degree=3"]),
+    ("longctx.offload_checkpoints=true", ["longctx.offload_checkpoints=true needs longctx.activation_checkpointing"]),
     ("longctx.tiled_mlp_tokens=-1", ["longctx.tiled_mlp_tokens=-1 must be 0 (off) or a positive token count"]),
     ("longctx.max_position_embeddings=1024", ["longctx.max_position_embeddings=1024", "below the row length"]),
     ("longctx.trainable=mlp", ["'mlp'", "gdn+norms+attention"]),
