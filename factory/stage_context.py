@@ -90,13 +90,13 @@ class StageContext:
     def cache_dir(self) -> Path:
         return Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.stage_dir.parent / ".cache"
 
-    def load_teacher(self):
-        """The original model, frozen (hybrid code path with every layer attention: identical logits)."""
+    def load_teacher(self, dtype: torch.dtype = torch.float32):
+        """The original model, frozen."""
         from transformers import AutoModelForCausalLM
 
         with self.sharded_loading():
             model = AutoModelForCausalLM.from_pretrained(
-                self.cfg.model.path, dtype=torch.float32, attn_implementation=self.cfg.model.attn_implementation)
+                self.cfg.model.path, dtype=dtype, attn_implementation=self.cfg.model.attn_implementation)
         return model.to(self.device).eval().requires_grad_(False)
 
     def load_hybrid(self, path: Path | None = None):

@@ -10,7 +10,8 @@ Replacements:
 - ``swa``: the layer's attention sees only the last ``window`` tokens (an extra mask put on
   that layer by a forward pre-hook; the model code is untouched).
 - ``gdn``: the layer's attention-initialized GDN (a probe hybrid whose layers all hold both
-  mixers; each layer's ``mixer_mode`` picks which one runs).
+  mixers; each layer's ``mixer_mode`` picks which one runs). The probe shares the teacher's
+  tensors, and a layer's GDN is built only while that layer is replaced.
 - ``kl_trained``: a hybrid with only that layer converted, distilled for a few steps.
 
 One recording pass keeps every layer's input; scoring layer i replays the unchanged layers
@@ -286,21 +287,52 @@ def replace_layer(probe, layer: int, kind: str, window: int) -> Callable[[], Non
     """Put the replacement on one layer of the probe; returns the undo."""
     decoder = probe.model.layers[layer]
     if kind == "gdn":
+        _materialize_gdn(probe, layer)
         decoder.mixer_mode = "student"
-        return lambda: setattr(decoder, "mixer_mode", "teacher")
+
+        def undo():
+            decoder.mixer_mode = "teacher"
+            decoder.linear_attn.to("meta")  # freed; made again identically (per-layer RNG) if needed
+
+        return undo
     handle = decoder.self_attn.register_forward_pre_hook(_swa_hook(window), with_kwargs=True)
     return handle.remove
 
 
+@torch.no_grad()
+def _materialize_gdn(probe, layer: int) -> None:
+    """The layer's GDN, initialized from its attention exactly as the init stage will do it."""
+    from factory.priming.init import init_gdn_from_attention, layer_generator
+
+    decoder = probe.model.layers[layer]
+    weight = decoder.self_attn.q_proj.weight
+    decoder.linear_attn.to_empty(device=weight.device).to(weight.dtype)
+    init, seed = probe.gdn_init
+    init_gdn_from_attention(decoder.linear_attn, decoder.self_attn, init, layer_generator(seed, layer))
+
+
 def build_probe(teacher, kind: str, init: InitConfig, seed: int):
-    """The teacher's network in which every layer can be switched to its replacement."""
-    from factory.priming.init import build_hybrid_from_teacher
+    """The teacher's network in which every layer can be switched to its replacement. It holds the
+    teacher's own tensors, not a copy; a layer's GDN exists only while that layer is replaced, so
+    scoring costs one GDN layer of memory beyond the teacher (a 32B teacher is 65 GB in bf16)."""
+    from factory.models.hqwen3 import HQwen3ForCausalLM
+    from factory.priming.init import hybrid_config
 
     n = teacher.config.num_hidden_layers
     types = ["linear_attention" if kind == "gdn" else "full_attention"] * n
-    probe = build_hybrid_from_teacher(teacher, types, init, seed, keep_teacher_attention=True)
+    with torch.device("meta"):
+        probe = HQwen3ForCausalLM(hybrid_config(teacher.config, types, init, keep_teacher_attention=True))
+    missing, unexpected = probe.load_state_dict(teacher.state_dict(), strict=False, assign=True)
+    if unexpected or any(".linear_attn." not in key for key in missing):
+        raise RuntimeError(f"teacher and probe disagree: {sorted(unexpected)[:4]} {sorted(missing)[:4]}")
+    if probe.config.tie_word_embeddings:
+        probe.lm_head.weight = probe.model.embed_tokens.weight
+    device = next(teacher.parameters()).device
+    # Its table is a non-persistent buffer, absent from the state dict: built anew.
+    probe.model.rotary_emb = type(probe.model.rotary_emb)(config=probe.config).to(device)
     probe.config._attn_implementation = "sdpa" if kind == "swa" else teacher.config._attn_implementation
-    probe = probe.to(next(teacher.parameters()).device).eval().requires_grad_(False)
+    probe.gdn_init = (init, seed)
+    probe.eval().requires_grad_(False)
     for layer in probe.model.layers:
         layer.mixer_mode = "teacher"
     return probe

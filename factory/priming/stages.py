@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import torch
+
 from factory.priming.init import build_hybrid_from_teacher, hybrid_config
 from factory.priming.select import (SCORING_METHODS, add_priming_share, read_selection, select_layers,
                                     write_selection)
@@ -19,7 +21,8 @@ def run_select(ctx: StageContext) -> dict:
     num_layers = AutoConfig.from_pretrained(cfg.model.path).num_hidden_layers
     inputs, params = None, 0
     if cfg.select.method in SCORING_METHODS:
-        teacher = ctx.load_teacher()
+        # One process scores (a 32B teacher in bf16 is 65 GB: one 80 GB GPU); the probe shares its tensors.
+        teacher = ctx.load_teacher(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)
         params = sum(p.numel() for p in teacher.parameters())
         inputs = ScoringInputs(teacher, ctx.tokenizer, cfg.data, cfg.init, cfg.seed, str(ctx.device),
                                str(ctx.cache_dir))

@@ -148,6 +148,29 @@ def test_replayed_scores_equal_full_passes(inputs):
     assert full > 0 and replayed == pytest.approx(full, rel=1e-5)
 
 
+def test_probe_shares_the_teacher_and_holds_one_gdn_at_a_time(inputs):
+    """The gdn probe is no copy: its tensors are the teacher's, and a layer's GDN exists only while
+    that layer is replaced, with the weights the whole-model init gives it."""
+    from factory.priming.init import build_hybrid_from_teacher
+    from factory.priming.scoring import build_probe, replace_layer
+
+    teacher = inputs.teacher
+    probe = build_probe(teacher, "gdn", inputs.init, 0)
+    ours = probe.state_dict()
+    for name, tensor in teacher.state_dict().items():
+        assert ours[name].data_ptr() == tensor.data_ptr(), name
+    gdn = lambda: {n: p for n, p in probe.named_parameters() if ".linear_attn." in n}  # noqa: E731
+    assert all(p.is_meta for p in gdn().values())
+    undo = replace_layer(probe, 2, "gdn", 8)
+    live = {n: p for n, p in gdn().items() if not p.is_meta}
+    assert live and all(n.startswith("model.layers.2.") for n in live)
+    whole = build_hybrid_from_teacher(teacher, ["linear_attention"] * LAYERS, inputs.init, 0).state_dict()
+    for name, tensor in live.items():
+        assert torch.equal(tensor, whole[name]), name
+    undo()
+    assert all(p.is_meta for p in gdn().values())
+
+
 def test_bad_metric_is_one_line(inputs):
     with pytest.raises(ValueError, match="select.metric='mse'"):
         select_layers(SelectConfig(method="swa_proxy", metric="mse", **FAST), LAYERS, inputs)
