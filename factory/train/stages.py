@@ -177,7 +177,8 @@ def load_student(ctx: StageContext):
     if not model.config.keep_teacher_attention:
         return model
     if ctx.zero3:
-        raise RuntimeError("under ZeRO-3, distill starts from the align stage's student; add align to the stages")
+        raise RuntimeError(f"under ZeRO-3, {ctx.name} starts from the align stage's student (the init stage's model "
+                           "keeps the teacher attention); add align to the stages")
     return drop_teacher_attention(model.config, model.state_dict()).to(ctx.device)
 
 
