@@ -90,7 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="train in fp32 instead of bf16 autocast")
     p.add_argument("--skip-data", action="store_true", help="do not (re)write assets/data")
-    return p.parse_args(argv)
+    p.add_argument("--state", type=Path, help="resumable training state: read if present, written at log steps")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="with --state: stop at the first log step past this many minutes of training (0: no limit)")
+    args = p.parse_args(argv)
+    if args.max_minutes and not args.state:
+        p.error("--max-minutes needs --state (where the unfinished build is kept)")
+    return args
 
 
 def read_plays(names) -> str:
@@ -239,19 +245,24 @@ def max_distance_at(step: int, args) -> int:
     return int(64 + frac * (args.seq_len - 32 - 64))
 
 
-def train(model, sampler: RowSampler, tokenizer, args) -> list[dict]:
+def train(model, sampler: RowSampler, tokenizer, args) -> list[dict] | None:
     """Phase 1: short rows, heavy in copying (repeats, retrieval at short distances), so
     a deep model finds induction heads within the budget while learning the text. Phase 2:
-    full-length rows with retrieval out to the training length."""
+    full-length rows with retrieval out to the training length.
+
+    With ``--state``, training resumes from that file when it exists and writes it at every log
+    step; with ``--max-minutes`` it also stops at the first log step past the limit and returns
+    None (the build is unfinished: run the same command again to go on)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    log, t0, running = [], time.time(), 0.0
+    start, log = load_state(args.state, model, opt, sampler) if args.state else (0, [])
+    t0, running = time.time(), 0.0
     model.train()
     total = args.short_steps + args.steps
-    for step in range(total):
+    for step in range(start, total):
         short = step < args.short_steps
         length, mix = (args.short_len, args.short_mix) if short else (args.seq_len, args.mix)
         rows = (args.short_batch or args.batch) if short else args.batch
@@ -260,7 +271,36 @@ def train(model, sampler: RowSampler, tokenizer, args) -> list[dict]:
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             log.append(progress_entry(model, tokenizer, args, step, running, t0))
             running = 0.0
+            if args.state:
+                save_state(args.state, model, opt, sampler, step + 1, log)
+            if args.max_minutes and time.time() - t0 > 60 * args.max_minutes and step + 1 < total:
+                print(f"stopped after step {step + 1} of {total} (--max-minutes); state in {args.state}", flush=True)
+                return None
     return log
+
+
+def save_state(path: Path, model, opt, sampler: RowSampler, step: int, log: list[dict]) -> None:
+    """Everything a resumed build needs to continue exactly: weights, optimizer, row sampler, RNG."""
+    state = {"step": step, "log": log, "model": model.state_dict(), "opt": opt.state_dict(),
+             "sampler": sampler.rng.getstate(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path.with_suffix(".partial"))
+    os.replace(path.with_suffix(".partial"), path)
+
+
+def load_state(path: Path, model, opt, sampler: RowSampler) -> tuple[int, list[dict]]:
+    if not path.exists():
+        return 0, []
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sampler.rng.setstate(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"resumed at step {state['step']} from {path}", flush=True)
+    return state["step"], state["log"]
 
 
 def train_step(model, opt, ids: torch.Tensor, lr: float, args) -> float:
@@ -328,6 +368,8 @@ def main(argv=None) -> None:
     sampler = RowSampler(args, tokenizer, train_filler, corpus_ids)
     t_train = time.time()
     log = train(model, sampler, tokenizer, args)
+    if log is None:
+        return
     train_s = time.time() - t_train
 
     heldout = [r["text"] for r in read_jsonl(args.data_out / "heldout.jsonl")]
