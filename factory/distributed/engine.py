@@ -72,6 +72,12 @@ class DeepSpeedTrainEngine:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state in {path}/{tag}")
 
+    def close(self) -> None:
+        """Release the engine and its model: DeepSpeed would otherwise keep the model alive for the
+        rest of the process (the next stage runs in the same one)."""
+        self.engine.destroy()
+        release_modules([self.model])
+
     def any_rank(self, flag: bool) -> bool:
         return self.env.any_rank(flag)
 

@@ -76,6 +76,9 @@ class LocalEngine:
         self.model.load_state_dict(state.pop("model"))
         self.load_state_dict(state)
 
+    def close(self) -> None:
+        pass
+
     @staticmethod
     def any_rank(flag: bool) -> bool:
         return flag

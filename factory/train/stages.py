@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from functools import partial
@@ -93,9 +94,10 @@ def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
 
 
 def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn,
-                 rows: PackedRows | None = None, sp_degree: int = 1) -> dict:
-    """Train on ``rows`` (default: the packed text data at the stage's row length). With sequence
-    parallelism the ranks of one SP group read the same rows and split them in ``loss_fn``."""
+                 rows: PackedRows | None = None, sp_degree: int = 1, before_save=None) -> dict:
+    """Train on ``rows`` (default: the packed text data at the stage's row length), save the stage's
+    model (``before_save()`` first, if given) and release the engine. With sequence parallelism the
+    ranks of one SP group read the same rows and split them in ``loss_fn``."""
     if rows is None:
         rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, stage_cfg.seq_len or ctx.cfg.data.seq_len,
                            ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
@@ -109,8 +111,13 @@ def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
                        [*_callbacks(ctx, stage_cfg, state.step), checkpoints], ctx.device, state,
                        data_parallel_size=ctx.env.world_size // sp_degree)
     model.eval()
+    if before_save is not None:
+        before_save()
+    saved = _save(ctx, model)
+    engine.close()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
-            "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params)}
+            "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params),
+            **saved}
 
 
 def _save(ctx: StageContext, model) -> dict:
@@ -167,9 +174,8 @@ def run_align(ctx: StageContext) -> dict:
     if not model.config.keep_teacher_attention:
         raise RuntimeError("align needs the init stage's model, which keeps the teacher attention")
     params = select_trainable(model, "gdn")
-    result = run_training(ctx, cfg, model, params, align_loss_fn(model, cfg.loss))
-    model.model.set_mixer_mode("student")
-    return {**result, **_save(ctx, model)}
+    return run_training(ctx, cfg, model, params, align_loss_fn(model, cfg.loss),
+                        before_save=lambda: model.model.set_mixer_mode("student"))
 
 
 def load_student(ctx: StageContext):
@@ -202,17 +208,22 @@ def run_distill(ctx: StageContext) -> dict:
     """Stage 2: end-to-end forward KL to the frozen teacher, sequence-tiled."""
     cfg = ctx.cfg.distill
     student = load_student(ctx)
-    teacher = ctx.load_teacher()
-    if ctx.cfg.deepspeed.enabled:
-        from factory.distributed.engine import frozen_engine
-
-        teacher = frozen_engine(teacher, ctx.cfg.deepspeed, ctx.precision, cfg.batch_size)
     params = select_trainable(student, cfg.trainable)
     if ctx.zero3 and student.lm_head.weight.requires_grad:
         raise RuntimeError(f"distill.trainable={cfg.trainable} trains the LM head, which the tiled loss cannot do "
                            "under ZeRO-3; use trainable=gdn or gdn+norms")
-    result = run_training(ctx, cfg, student, params, distill_loss_fn(ctx, cfg, student, teacher))
-    return {**result, **_save(ctx, student)}
+    with _frozen_teacher(ctx, cfg.batch_size) as teacher:
+        return run_training(ctx, cfg, student, params, distill_loss_fn(ctx, cfg, student, teacher))
+
+
+def _frozen_teacher(ctx: StageContext, micro_batch: int):
+    """The teacher for the block: under DeepSpeed a second engine without optimizer, released after."""
+    teacher = ctx.load_teacher()
+    if not ctx.cfg.deepspeed.enabled:
+        return contextlib.nullcontext(teacher)
+    from factory.distributed.engine import forward_only
+
+    return forward_only(teacher, ctx.cfg.deepspeed, ctx.precision, micro_batch)
 
 
 def next_token_sum(ctx: StageContext, model, batch: dict, tile_tokens: int) -> tuple[torch.Tensor, int]:
@@ -274,11 +285,13 @@ def run_longctx(ctx: StageContext) -> dict:
         total, count = next_token_sum(ctx, student, sp.shard(batch), cfg.loss_tile_tokens)
         return sp.global_mean(total, count), {}
 
-    result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp_degree=cfg.sp_degree)
-    if sp is not None:
-        student.set_attn_implementation(ctx.cfg.model.attn_implementation)
-    return {**result, **_save(ctx, student), "seq_len": seq_len, "rope_theta": cfg.rope_theta,
-            "sp_degree": cfg.sp_degree}
+    def plain_attention():  # the saved config names the configured attention, not the SP wrapper
+        if sp is not None:
+            student.set_attn_implementation(ctx.cfg.model.attn_implementation)
+
+    result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp_degree=cfg.sp_degree,
+                          before_save=plain_attention)
+    return {**result, "seq_len": seq_len, "rope_theta": cfg.rope_theta, "sp_degree": cfg.sp_degree}
 
 
 def run_sft(ctx: StageContext) -> dict:
@@ -297,5 +310,4 @@ def run_sft(ctx: StageContext) -> dict:
         return total / max(1, count), {}
 
     result = run_training(ctx, cfg, student, params, next_token, rows=rows)
-    return {**result, **_save(ctx, student), "conversations": stats.conversations, "truncated": stats.truncated,
-            "dropped": stats.dropped}
+    return {**result, "conversations": stats.conversations, "truncated": stats.truncated, "dropped": stats.dropped}

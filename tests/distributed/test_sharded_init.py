@@ -133,3 +133,9 @@ def test_sharded_eval_equals_whole_model_eval(runs, assets, tmp_path):
     for key in ("heldout", "heldout_before_sft", "heldout_initialized_hybrid"):
         for metric, value in want[key].items():
             assert got[key][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, metric)
+
+
+def test_no_stage_leaves_its_zero3_model_behind(runs):
+    """align and sft (training engines), eval (forward-only engines): each releases its models."""
+    sharded, _ = runs
+    assert [json.loads((sharded.parent / f"modules_left_rank{r}.json").read_text()) for r in (0, 1)] == [0, 0]
