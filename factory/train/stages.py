@@ -116,7 +116,7 @@ def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
     saved = _save(ctx, model)
     engine.close()
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
-            "train_seconds": round(state.elapsed, 2), "trainable_params": sum(p.numel() for _, p in named_params),
+            "train_seconds": round(state.elapsed, 2), "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for _, p in named_params),
             **saved}
 
 

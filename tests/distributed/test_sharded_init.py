@@ -108,7 +108,9 @@ def test_training_stage_saves_the_student_one_layer_at_a_time(runs):
     assert any(not torch.equal(got[k], want[k]) for k in gdn), "the align step's update was not saved"
     for key in want.keys() - set(gdn):
         assert torch.equal(got[key], want[key]), key
-    stats = json.loads((sharded / "03-align" / "stage.json").read_text())["save"]
+    meta = json.loads((sharded / "03-align" / "stage.json").read_text())
+    assert meta["trainable_params"] == sum(p.numel() for k, p in hybrid.named_parameters() if ".linear_attn." in k)
+    stats = meta["save"]
     layer = max(sum(p.numel() for p in m.parameters()) for m in hybrid.model.layers)
     embedding = hybrid.model.embed_tokens.weight.numel()
     assert 0 < stats["gathered_peak_params"] <= stats["largest_group_params"] <= max(layer, embedding)
