@@ -5,7 +5,8 @@ tokens, e.g. 9.4 GB in bf16 for a Qwen3-8B layer at 128K tokens per rank) is nev
 DeepSpeed's ``TiledMLP`` does the work: it holds back a ZeRO-3 parameter's gradient until the
 last tile has added to it. Every rank must use the same tile count (each tile's projections gather
 ZeRO-3 parameters collectively); rows have one length on every rank, and the count is agreed
-across ranks anyway.
+across ranks anyway, once per row length (not at every layer of every step: the agreement is a
+collective and a host sync).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def apply_tiled_mlp(model, tile_tokens: int) -> int:
     if tile_tokens < 1:
         raise ValueError(f"tile_tokens must be positive, got {tile_tokens}")
     mlps = [layer.mlp for layer in model.model.layers]
+    agreed: dict[int, int] = {}  # tokens -> tile count, shared by the layers
+
+    def shards(x: torch.Tensor) -> int:
+        tokens = x.shape[-2]
+        if tokens not in agreed:
+            agreed[tokens] = tile_count(tokens, tile_tokens, x.device)
+        return agreed[tokens]
+
     for mlp in mlps:
         plain = type(mlp).forward  # the class's forward: the tiles call it, not the patched instance one
 
@@ -40,8 +49,7 @@ def apply_tiled_mlp(model, tile_tokens: int) -> int:
             if not torch.is_grad_enabled():
                 return plain(self, x)
             weights = [p for p in self.parameters() if p.requires_grad]
-            shards = tile_count(x.shape[-2], tile_tokens, x.device)
-            return TiledMLP.apply(plain, self, x, shards, weights)
+            return TiledMLP.apply(plain, self, x, shards(x), weights)
 
         mlp.forward = types.MethodType(tiled, mlp)
     return len(mlps)
