@@ -77,11 +77,7 @@ def init_sharded(teacher, hybrid, init: InitConfig, seed: int, out_dir: str | Pa
                 for key, tensor in ours.state_dict(prefix=f"{name}.").items():
                     writer.add(key, tensor)
     if is_main:
-        missing = saved_names(hybrid) - writer.written
-        if missing:
-            raise RuntimeError(f"sharded initialization missed {sorted(missing)[:4]}")
-        stats["shards"] = len(writer.close())
-        write_model_files(hybrid, out_dir, next(hybrid.parameters()).dtype)
+        stats["shards"] = _finish(writer, saved_names(hybrid), hybrid, out_dir, "sharded initialization")
     return stats
 
 
@@ -110,9 +106,17 @@ def save_sharded(model, out_dir: str | Path, is_main: bool, keep=None, config=No
                     if keep(key):
                         writer.add(key, tensor)
     if is_main:
-        missing = {k for k in saved_names(model) if keep(k)} - writer.written
-        if missing:
-            raise RuntimeError(f"sharded save missed {sorted(missing)[:4]}")
-        stats["shards"] = len(writer.close())
-        write_model_files(model, out_dir, next(model.parameters()).dtype, config)
+        expected = {k for k in saved_names(model) if keep(k)}
+        stats["shards"] = _finish(writer, expected, model, out_dir, "sharded save", config)
     return stats
+
+
+def _finish(writer: ShardWriter, expected: set[str], model, out_dir: str | Path, what: str, config=None) -> int:
+    """Check that every expected tensor was written, name the shards, write the files beside them.
+    Returns the shard count."""
+    missing = expected - writer.written
+    if missing:
+        raise RuntimeError(f"{what} missed {sorted(missing)[:4]}")
+    shards = len(writer.close())
+    write_model_files(model, out_dir, next(model.parameters()).dtype, config)
+    return shards

@@ -134,8 +134,9 @@ def student_key(config, key: str) -> bool:
     """Whether a hybrid's state-dict name belongs to its student: converted layers' kept teacher
     attention (``model.layers.<i>.self_attn.*``) does not."""
     parts = key.split(".")
-    converted = len(parts) > 3 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) in set(config.linear_layers)
-    return not (converted and parts[3] == "self_attn")
+    if len(parts) <= 3 or parts[1] != "layers" or not parts[2].isdigit() or parts[3] != "self_attn":
+        return True
+    return int(parts[2]) not in config.linear_layers
 
 
 def student_config(config):

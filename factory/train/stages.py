@@ -115,9 +115,9 @@ def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
         before_save()
     saved = _save(ctx, model)
     engine.close()
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for _, p in named_params)  # whole tensors under ZeRO-3
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
-            "train_seconds": round(state.elapsed, 2), "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for _, p in named_params),
-            **saved}
+            "train_seconds": round(state.elapsed, 2), "trainable_params": trainable, **saved}
 
 
 def _save(ctx: StageContext, model) -> dict:
