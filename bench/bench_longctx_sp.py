@@ -55,7 +55,7 @@ from factory.distributed.sequence_parallel import build_sequence_parallel  # noq
 from factory.distributed.tiled_mlp import apply_tiled_mlp  # noqa: E402
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM  # noqa: E402
 from factory.priming.select import alternate_layers  # noqa: E402
-from factory.train.checkpoint_offload import offload_checkpoints  # noqa: E402
+from factory.train.activation_checkpointing import enable_activation_checkpointing  # noqa: E402
 from factory.train.stages import extend_context, next_token_sum, select_trainable  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's directory)
 
@@ -84,9 +84,7 @@ def build_model(kind: str, args, sp, device, dtype):
     model.to(dtype).train()
     extend_context(model, ROPE_THETA, args.max_tokens)
     sp.apply(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.offload_checkpoints:
-        offload_checkpoints(model)
+    enable_activation_checkpointing(model, offload=args.offload_checkpoints)
     if args.tiled_mlp_tokens:
         apply_tiled_mlp(model, args.tiled_mlp_tokens)
     select_trainable(model, args.trainable)
@@ -176,6 +174,7 @@ def find_max(arm: str, model, sp, args, device, report: dict) -> None:
         result = measure(model, sp, T, args, device, 0, 1)
         progress(arm, T, result, " (find-max)")
         report["rows"].append({"arm": arm, "tokens": T, "find_max": True, **(result or {"oom": True})})
+        write_json(report, args)  # a search cut short by the call's time limit keeps what it found
         if result is None:
             break
         longest, T = T, 2 * T

@@ -93,9 +93,13 @@ def load_hybrid(path: Path, run):
     return model.to(run["device"])
 
 
-def align_engine(model, run):
+def align_engine(model, run, activation_checkpointing: bool):
     from factory.distributed.engine import DeepSpeedTrainEngine
+    from factory.train.activation_checkpointing import enable_activation_checkpointing
     from factory.train.stages import align_loss_fn, select_trainable
+
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
 
     engine = DeepSpeedTrainEngine(model, select_trainable(model, "gdn"), run["stage"], run["ds"], run["precision"],
                                   run["env"])
@@ -149,7 +153,7 @@ def run_lifecycle(args, run) -> dict:
     with Phase(run, phases, "load"):
         model = load_hybrid(scratch / "init", run)
     note(f"load {phases['load']['seconds']:.1f} s", env)
-    engine, loss_fn = align_engine(model, run)
+    engine, loss_fn = align_engine(model, run, args.activation_checkpointing)
     with Phase(run, phases, "train"):
         state = train(engine, loss_fn, args.steps, None, args, run)
     with Phase(run, phases, "save"):
@@ -159,7 +163,7 @@ def run_lifecycle(args, run) -> dict:
     free(engine, model)
     with Phase(run, phases, "resume"):
         model = load_hybrid(scratch / "init", run)
-        engine, loss_fn = align_engine(model, run)
+        engine, loss_fn = align_engine(model, run, args.activation_checkpointing)
         engine.load(scratch / "checkpoint")
     from factory.train.loop import StepState
 
@@ -194,6 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--steps", type=int, default=2, help="align steps before the checkpoint")
     p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint the align step's GDN branches")
     p.add_argument("--scratch", default="outputs/lifecycle", help="where the init output and checkpoint go")
     p.add_argument("--keep", action="store_true", help="keep the files in --scratch")
     p.add_argument("--json", help="write the results here (rank 0)")

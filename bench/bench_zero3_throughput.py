@@ -252,6 +252,7 @@ class StepTimer:
 def time_arm(arm: str, args, run) -> dict:
     """Build the arm, train ``warmup + steps`` steps through the project's loop, free everything."""
     from factory.distributed.engine import DeepSpeedTrainEngine, release_modules
+    from factory.train.activation_checkpointing import enable_activation_checkpointing
     from factory.train.loop import train_loop
 
     device, env = run["device"], run["env"]
@@ -260,7 +261,7 @@ def time_arm(arm: str, args, run) -> dict:
     setup = ARM_SETUP[arm](args, run)
     model = setup["model"]
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     engine = DeepSpeedTrainEngine(model, setup["params"], run["stage"], run["ds"], run["precision"], env)
     model.train()
     timer = StepTimer(device)

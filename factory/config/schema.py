@@ -91,6 +91,7 @@ class TrainStageConfig:
     temperature: float = 1.0
     ce_weight: float = 0.0
     loss_tile_tokens: int = 1024  # sequence tile of the logit loss
+    activation_checkpointing: bool = False  # each decoder layer keeps only its input (align: the GDN branch)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 10
     plot: bool = True
@@ -104,7 +105,6 @@ class LongContextConfig(TrainStageConfig):
     rope_theta: float = 40_000.0  # the Qwen3-32B recipe: 5,000,000 with 131072 positions
     max_position_embeddings: int = 8192
     sp_degree: int = 1
-    activation_checkpointing: bool = False
     offload_checkpoints: bool = False  # keep the checkpointed layer inputs in CPU memory (ALST)
     tiled_mlp_tokens: int = 0  # > 0: each MLP runs over tiles of this many tokens (ALST); 0: whole rows
     data_files: list[str] = field(default_factory=lambda: [f"{ASSETS}/data/long.jsonl"])
@@ -146,7 +146,6 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     param_persistence_threshold: int = 100_000
-    activation_checkpointing: bool = False
 
 
 @dataclass

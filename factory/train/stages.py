@@ -20,6 +20,7 @@ from factory.data.packing import IGNORE_INDEX, PackedRows, packed_rows
 from factory.distill.losses import alignment_mse, tiled_cross_entropy, tiled_kl_loss
 from factory.priming.init import drop_teacher_attention, student_config, student_key
 from factory.stage_context import StageContext
+from factory.train.activation_checkpointing import enable_activation_checkpointing
 from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
 from factory.train.engine import LocalEngine
 from factory.train.loop import StepState, train_loop
@@ -103,6 +104,8 @@ def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
                            ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
     loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank // sp_degree,
                        world_size=ctx.env.world_size // sp_degree)
+    if stage_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model, offload=getattr(stage_cfg, "offload_checkpoints", False))
     engine = build_engine(ctx, stage_cfg, model, named_params)
     state = _resume(ctx, engine, loader, stage_cfg.steps)
     checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash, ctx.env.rank)
@@ -264,12 +267,6 @@ def run_longctx(ctx: StageContext) -> dict:
         sp = build_sequence_parallel(ctx.env.rank, ctx.env.world_size, cfg.sp_degree)
         sp.check(student.config, seq_len)
         sp.apply(student)
-    if cfg.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.offload_checkpoints:
-        from factory.train.checkpoint_offload import offload_checkpoints
-
-        offload_checkpoints(student)
     if cfg.tiled_mlp_tokens:
         from factory.distributed.tiled_mlp import apply_tiled_mlp
 

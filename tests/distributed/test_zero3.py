@@ -63,6 +63,21 @@ def test_align_and_distill_run_under_zero3(straight):
     assert all(v == v for v in losses(straight, "04-distill").values())
 
 
+def test_activation_checkpointing_under_zero3_keeps_the_losses(assets, straight, tmp_path):
+    """align (its GDN branches checkpointed) and distill (whole layers) with activation checkpointing
+    and every parameter partitioned (no persistence threshold): with torch's non-reentrant checkpoint
+    the recomputation found re-partitioned, empty weights in the backward."""
+    out = tmp_path / "run"
+    result = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4,
+                    **{"align.activation_checkpointing": True, "distill.activation_checkpointing": True,
+                       "deepspeed.param_persistence_threshold": 0})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("03-align", "04-distill"):
+        want, got = losses(straight, stage), losses(out, stage)
+        assert got.keys() == want.keys() and len(got) == 4, stage
+        for step, loss in want.items():
+            assert got[step] == pytest.approx(loss, rel=1e-5), (stage, step)
+
 def test_exact_resume_after_kill_9(assets, straight, tmp_path):
     out = tmp_path / "run"
     killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,

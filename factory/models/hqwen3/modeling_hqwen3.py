@@ -7,6 +7,8 @@ a block-causal mask from them and GDN layers get the matching ``cu_seqlens``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
@@ -70,8 +72,19 @@ class HQwen3DecoderLayer(GradientCheckpointingLayer):
         # align: GDN learns to reproduce the attention output on the teacher's stream.
         with torch.no_grad():
             target = self._attention(x, masks, position_embeddings, None, **kwargs)
-        self.alignment_pair = (self._gdn(x.detach(), masks, cu_seqlens, None), target)
+        student = partial(self._gdn, masks=masks, cu_seqlens=cu_seqlens, past_key_values=None)
+        if self.gradient_checkpointing and self.training:  # only the GDN branch keeps activations
+            self.alignment_pair = (self._gradient_checkpointing_func(student, x.detach()), target)
+        else:
+            self.alignment_pair = (student(x.detach()), target)
         return target
+
+    def __call__(self, *args, **kwargs):
+        if self.mixer_mode == "align":
+            # The teacher's stream needs no gradient, so checkpointing the whole layer would only
+            # recompute it; the GDN branch is checkpointed on its own (``_mix``).
+            return nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     def forward(self, hidden_states, masks, position_embeddings, past_key_values=None, cu_seqlens=None, **kwargs):
         residual = hidden_states

@@ -1,0 +1,68 @@
+"""Activation checkpointing (factory.layers.checkpoint, a reentrant checkpoint that ZeRO-3 supports)
+gives what torch's own checkpoint gives: logits and every gradient, kept on the device or offloaded
+to CPU memory, with frozen or trainable embeddings, with frozen layers below the first trainable one;
+and align's layerwise loss with only its GDN branches checkpointed."""
+
+import copy
+
+import pytest
+import torch
+
+from factory.layers import checkpoint as checkpoint_module
+from factory.train.activation_checkpointing import enable_activation_checkpointing
+from factory.train.stages import align_loss_fn, select_trainable
+from tests.helpers import tiny_hybrid
+
+
+def _forward_backward(model, ids):
+    model.zero_grad()
+    logits = model(input_ids=ids, use_cache=False).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _count_recomputations(monkeypatch) -> list:
+    calls = []
+    original = checkpoint_module._Checkpoint.backward
+    monkeypatch.setattr(checkpoint_module._Checkpoint, "backward",
+                        staticmethod(lambda ctx, grad: calls.append(1) or original(ctx, grad)))
+    return calls
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("trainable", ["all", "gdn"])
+def test_checkpointed_layers_equal_torch_checkpoint(offload, trainable, monkeypatch):
+    reference = tiny_hybrid(seed=4).train()
+    select_trainable(reference, trainable)  # "gdn": frozen embeddings and a frozen first layer
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = copy.deepcopy(reference)
+    assert enable_activation_checkpointing(checkpointed, offload=offload) == reference.config.num_hidden_layers
+    calls = _count_recomputations(monkeypatch)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 24))
+    want_logits, want = _forward_backward(reference, ids)
+    got_logits, got = _forward_backward(checkpointed, ids)
+    assert len(calls) == reference.config.num_hidden_layers
+    torch.testing.assert_close(got_logits, want_logits)
+    assert got.keys() == want.keys() and any(".layers.1." in n for n in got)
+    assert ("model.embed_tokens.weight" in got) is (trainable == "all")
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_align_checkpoints_only_the_gdn_branches(monkeypatch):
+    plain = tiny_hybrid(seed=5, keep_teacher_attention=True).train()
+    checkpointed = copy.deepcopy(plain)
+    enable_activation_checkpointing(checkpointed)
+    calls = _count_recomputations(monkeypatch)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24))
+    batch = {"input_ids": ids, "position_ids": torch.arange(24).expand(2, -1)}
+    grads = []
+    for model in (plain, checkpointed):
+        params = dict(select_trainable(model, "gdn"))
+        loss, _ = align_loss_fn(model, "layerwise")(batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in params.items()})
+    assert len(calls) == len(plain.config.linear_layers)  # one per GDN branch, no whole layer
+    assert grads[1].keys() == grads[0].keys() and all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
