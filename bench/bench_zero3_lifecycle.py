@@ -149,16 +149,17 @@ def run_lifecycle(args, run) -> dict:
     phases, result = {}, {"shape": args.shape, "layers": args.layers, "seq_len": args.seq_len,
                           "world_size": env.world_size, "model": model_shape}
     result["init_stats"] = phase_init(args, run, phases, scratch / "init")
-    note(f"init {phases['init']['seconds']:.1f} s", env)
+    note_phase(phases, "init", env)
     with Phase(run, phases, "load"):
         model = load_hybrid(scratch / "init", run)
-    note(f"load {phases['load']['seconds']:.1f} s", env)
+    note_phase(phases, "load", env)
     engine, loss_fn = align_engine(model, run, args.activation_checkpointing)
     with Phase(run, phases, "train"):
         state = train(engine, loss_fn, args.steps, None, args, run)
     with Phase(run, phases, "save"):
         engine.save(scratch / "checkpoint")
-    note(f"{args.steps} align steps {phases['train']['seconds']:.1f} s, save {phases['save']['seconds']:.1f} s", env)
+    note_phase(phases, "train", env)
+    note_phase(phases, "save", env)
     straight = train(engine, loss_fn, args.steps + 1, state, args, run).loss
     free(engine, model)
     with Phase(run, phases, "resume"):
@@ -175,6 +176,12 @@ def run_lifecycle(args, run) -> dict:
     if env.is_main:
         result["bytes"] = {name: directory_bytes(scratch / name) for name in ("init", "checkpoint")}
     return result
+
+
+def note_phase(phases: dict, name: str, env) -> None:
+    """Seconds and rank 0's peak memory as each phase ends, so a launch cut short still shows them."""
+    peak = phases[name]["peak_gib"]
+    note(f"{name}: {phases[name]['seconds']:.1f} s" + ("" if peak is None else f", peak {peak:.2f} GiB on rank 0"), env)
 
 
 def note(text: str, env=None) -> None:
