@@ -111,6 +111,18 @@ def variant_table(groups: dict, base: str) -> list[str]:
     return lines
 
 
+def init_table(groups: dict, candidate: dict, label: str, ratio: float) -> list[str]:
+    """Each selection method with the published initialization and with the candidate's."""
+    head = ["method, initialization", "seeds", *[c[0] for c in COLUMNS], "GDN layers"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in ("alternate", "gdn_proxy"):
+        for init, source in (("published", groups), (label, candidate)):
+            arms = sorted(source.get(("selection", "default", method, ratio), []), key=lambda a: a["seed"])
+            if arms:
+                lines.append(_row(f"{method}, {init}", arms, [",".join(map(str, arms[0]["selection"]["gdn_layers"]))]))
+    return lines
+
+
 # ------------------------------------------------------------------ goals
 
 
@@ -227,9 +239,11 @@ def plot_scores(groups: dict, ratio: float, path: Path) -> None:
 # ------------------------------------------------------------------ document
 
 
-def section(results: dict, default: str, conclusion: str, calibration: list[dict]) -> str:
+def section(results: dict, default: str, conclusion: str, calibration: list[dict], candidate: dict | None = None,
+            label: str = "", goals_on_candidate: bool = False) -> str:
     arms = results["arms"]
     groups = grouped(arms)
+    candidate_groups = grouped(candidate["arms"]) if candidate else {}
     methods = [m for m in ("alternate", "swa_proxy", "gdn_proxy", "kl_trained")
                if any(k[2] == m and k[0] == "selection" for k in groups)]
     ratios = sorted({k[3] for k in groups if k[0] == "selection"})
@@ -249,9 +263,16 @@ def section(results: dict, default: str, conclusion: str, calibration: list[dict
             "![per-layer damage at 50%](figures/study_layer_scores.png)", ""]
     if any(k[0] == "variant" for k in groups):
         out += ["### Initialization, stage-2 loss and alignment variants", "", *variant_table(groups, "swa_proxy"), ""]
+    if candidate_groups:
+        out += [f"### Selection with the candidate initialization ({label})", "",
+                f"From `{candidate['source']}` ({len(candidate['arms'])} arms, the same budget and evaluation).", ""]
+        for ratio in sorted({k[3] for k in candidate_groups}):
+            out += [f"#### {round(ratio * 100)}% GDN", "", *init_table(groups, candidate_groups, label, ratio), ""]
     if calibration:
         out += ["### Selection cost and stability", "", *cost_table(calibration), ""]
-    out += [f"### Goals, evaluated for `{default}`", "", *goals(groups, default, results["teacher"], calibration), ""]
+    on = candidate_groups if goals_on_candidate else groups
+    title = f"`{default}`" + (f" with {label}, against `alternate` with {label}" if goals_on_candidate else "")
+    out += [f"### Goals, evaluated for {title}", "", *goals(on, default, results["teacher"], calibration), ""]
     return "\n".join(out) + "\n" + conclusion.strip() + "\n"
 
 
@@ -272,11 +293,18 @@ def main(argv=None) -> None:
     p.add_argument("--default", default="swa_proxy", help="the selection method to evaluate the goals for")
     p.add_argument("--conclusion", type=Path, default=Path(__file__).with_name("conclusion.md"))
     p.add_argument("--calibration", type=Path, default=Path(__file__).with_name("calibration.json"))
+    p.add_argument("--candidate", type=Path, help="arms run with the candidate initialization (run_study.py --set ...)")
+    p.add_argument("--candidate-label", default="random gate, identity conv")
+    p.add_argument("--goals-on-candidate", action="store_true", help="evaluate the goals on the --candidate arms")
     args = p.parse_args(argv)
     results = json.loads(args.results.read_text())
     conclusion = args.conclusion.read_text() if args.conclusion.exists() else ""
     calibration = json.loads(args.calibration.read_text()) if args.calibration.exists() else []
-    write_quality(args.quality, section(results, args.default, conclusion, calibration))
+    candidate = None
+    if args.candidate:
+        candidate = {**json.loads(args.candidate.read_text()), "source": str(args.candidate)}
+    write_quality(args.quality, section(results, args.default, conclusion, calibration, candidate,
+                                        args.candidate_label, args.goals_on_candidate))
     print(f"wrote {args.quality} and {FIGURES}/study_*.png")
 
 
