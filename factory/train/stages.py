@@ -95,17 +95,19 @@ def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
 
 
 def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn,
-                 rows: PackedRows | None = None, sp_degree: int = 1, before_save=None) -> dict:
+                 rows: PackedRows | None = None, sp_degree: int = 1, before_save=None,
+                 offload_checkpoints: bool = False) -> dict:
     """Train on ``rows`` (default: the packed text data at the stage's row length), save the stage's
     model (``before_save()`` first, if given) and release the engine. With sequence parallelism the
-    ranks of one SP group read the same rows and split them in ``loss_fn``."""
+    ranks of one SP group read the same rows and split them in ``loss_fn``. Activation checkpoints
+    go to CPU memory with ``offload_checkpoints`` (the longctx stage's option)."""
     if rows is None:
         rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, stage_cfg.seq_len or ctx.cfg.data.seq_len,
                            ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
     loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank // sp_degree,
                        world_size=ctx.env.world_size // sp_degree)
     if stage_cfg.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=getattr(stage_cfg, "offload_checkpoints", False))
+        enable_activation_checkpointing(model, offload=offload_checkpoints)
     engine = build_engine(ctx, stage_cfg, model, named_params)
     state = _resume(ctx, engine, loader, stage_cfg.steps)
     checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash, ctx.env.rank)
@@ -287,7 +289,7 @@ def run_longctx(ctx: StageContext) -> dict:
             student.set_attn_implementation(ctx.cfg.model.attn_implementation)
 
     result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp_degree=cfg.sp_degree,
-                          before_save=plain_attention)
+                          before_save=plain_attention, offload_checkpoints=cfg.offload_checkpoints)
     return {**result, "seq_len": seq_len, "rope_theta": cfg.rope_theta, "sp_degree": cfg.sp_degree}
 
 
