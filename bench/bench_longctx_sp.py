@@ -23,7 +23,7 @@ SP=4, all 32 all-gathered); row length is not a specialization key, so larger si
 compile again (not yet seen on a GPU).
 
     torchrun --nproc_per_node 4 bench/bench_longctx_sp.py --json sp.json
-    torchrun --nproc_per_node 4 bench/bench_longctx_sp.py --find-max --json max.json
+    torchrun --nproc_per_node 4 bench/bench_longctx_sp.py --find-max --find-max-refine 2 --json max.json
     torchrun --nproc_per_node 2 bench/bench_longctx_sp.py --tiny --tokens 256,512     # CPU smoke
 
 Goals (issue 6): longest trainable row >= 512K tokens on 4 H100s with SP=4; hybrid >= 1.5x
@@ -165,21 +165,45 @@ def run_sizes(arm: str, model, sp, args, device, report: dict) -> None:
         write_json(report, args)
 
 
+def longest_row_search(fits, start: int, limit: int, refine: int = 0, multiple: int = 1) -> tuple[int | None, str]:
+    """Double the row from ``start`` while ``fits(T)`` and ``T <= limit``; then ``refine`` times try
+    the middle of the gap between the longest fit and the first failure (rounded down to
+    ``multiple``). Returns the longest row that fit (None: not even ``start``) and what stopped the
+    doubling."""
+    longest, failed, T = None, None, start
+    while T <= limit:
+        if not fits(T):
+            failed = T
+            break
+        longest, T = T, 2 * T
+    for _ in range(refine if longest is not None and failed is not None else 0):
+        middle = (longest + failed) // 2 // multiple * multiple
+        if middle <= longest:
+            break
+        if fits(middle):
+            longest = middle
+        else:
+            failed = middle
+    return longest, "--max-tokens" if failed is None else "out of memory"
+
+
 def find_max(arm: str, model, sp, args, device, report: dict) -> None:
-    """Double the row from ``--find-max-from`` until a step runs out of memory (or ``--max-tokens``)."""
+    """The longest row that trains: ``longest_row_search`` with one measured step per length."""
     warm = measure(model, sp, min(args.tokens), args, device, 0, 1)  # compiles, at the smallest size
     progress(arm, min(args.tokens), warm, " (warm-up)")
-    longest, T = None, args.find_max_from
-    while T <= args.max_tokens:
+
+    def fits(T: int) -> bool:
         result = measure(model, sp, T, args, device, 0, 1)
         progress(arm, T, result, " (find-max)")
         report["rows"].append({"arm": arm, "tokens": T, "find_max": True, **(result or {"oom": True})})
         write_json(report, args)  # a search cut short by the call's time limit keeps what it found
-        if result is None:
-            break
-        longest, T = T, 2 * T
+        return result is not None
+
+    # Lengths stay divisible by the SP degree and whole chunks (64 tokens) of fla's kernels per rank.
+    longest, stopped_by = longest_row_search(fits, args.find_max_from, args.max_tokens, args.find_max_refine,
+                                             64 * sp.degree)
     report["longest_row"][arm] = longest
-    report["find_max_stopped_by"][arm] = "--max-tokens" if T > args.max_tokens else "out of memory"
+    report["find_max_stopped_by"][arm] = stopped_by
     write_json(report, args)
 
 
@@ -238,6 +262,8 @@ def parse_args(argv=None):
     parser.add_argument("--find-max", action="store_true", help="double the row from --find-max-from until OOM")
     parser.add_argument("--find-max-from", type=int, default=131072, help="first row length of --find-max")
     parser.add_argument("--max-tokens", type=int, default=4194304, help="longest row tried (and RoPE positions)")
+    parser.add_argument("--find-max-refine", type=int, default=0,
+                        help="after the doubling fails, this many bisection steps between the last fit and the failure")
     parser.add_argument("--tiny", action="store_true", help="tiny shape (hidden 64, vocab 512): CPU smoke runs")
     parser.add_argument("--timeout-min", type=float, default=15, help="collective timeout (a rank stuck alone)")
     parser.add_argument("--json", type=Path, help="write environment, rows and goals here (after every row)")
