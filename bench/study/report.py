@@ -136,7 +136,7 @@ def beats_outside_spread(a: list[float], b: list[float]) -> bool:
 
 def goals(groups: dict, default: str, teacher: dict, calibration: list[dict]) -> list[str]:
     if default == "alternate":  # the goals' comparison is against alternate itself
-        return [f"- NOT MET: the default selection is `alternate` itself, so it cannot beat `alternate` on "
+        return ["- NOT MET: the default selection is `alternate` itself, so it cannot beat `alternate` on "
                 "retrieval beyond the window (no measured method beat it with this initialization; above)",
                 "- MET: selection cost of `alternate` is 0 (it reads no data)", *_quality_goals(groups, default, teacher)]
     lines = []

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from factory.data.chat import ChatDataError, pack_conversations, read_conversations, tokenize_conversation
 from factory.data.packing import IGNORE_INDEX

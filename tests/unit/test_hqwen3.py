@@ -11,7 +11,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
 from factory.models.hqwen3.remote_code import write_remote_code
-from tests.helpers import TINY, hybrid_config, tiny_hybrid
+from tests.helpers import TINY, tiny_hybrid
 
 
 @pytest.fixture(scope="module")
