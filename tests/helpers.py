@@ -1,4 +1,8 @@
-"""Tiny models shared by the tests."""
+"""Tiny models and script loading shared by the tests."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -27,3 +31,16 @@ def tiny_hybrid(seed=0, **overrides):
                 layer.linear_attn.A_log.normal_(0, 0.5)
                 layer.linear_attn.o_norm.weight.normal_(1, 0.2)
     return model
+
+
+def load_script(path: Path):
+    """A script that is not part of a package (bench/, bench/study/) as a module, with its own
+    directory importable while it loads (the scripts import their siblings)."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module

@@ -78,6 +78,7 @@ def test_activation_checkpointing_under_zero3_keeps_the_losses(assets, straight,
         for step, loss in want.items():
             assert got[step] == pytest.approx(loss, rel=1e-5), (stage, step)
 
+
 def test_exact_resume_after_kill_9(assets, straight, tmp_path):
     out = tmp_path / "run"
     killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,

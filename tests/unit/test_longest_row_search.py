@@ -1,24 +1,17 @@
 """bench_longctx_sp's longest-row search: doubling until a failure, then bisection of the gap."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")
 def search():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling timing.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_longctx_sp", BENCH / "bench_longctx_sp.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module.longest_row_search
+    return load_script(BENCH / "bench_longctx_sp.py").longest_row_search
 
 
 def memory_limit(limit: int, tried: list):

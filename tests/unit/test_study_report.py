@@ -1,19 +1,17 @@
 """The study's report: docs/QUALITY.md's study section is what report.py makes of the committed
 results, and regenerating it leaves the other sections alone."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "bench" / "study"
 
 
 def _report_module():
-    spec = importlib.util.spec_from_file_location("study_report", STUDY / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY / "report.py")
 
 
 def _committed_section(report, goals_on_candidate: bool = True) -> str:
