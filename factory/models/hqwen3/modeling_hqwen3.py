@@ -7,10 +7,12 @@ a block-causal mask from them and GDN layers get the matching ``cu_seqlens``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
@@ -24,6 +26,16 @@ from factory.layers.gdn import GatedDeltaNet, GDNShape
 from factory.models.hqwen3.configuration_hqwen3 import HQwen3Config
 
 MIXER_MODES = ("student", "teacher", "align")
+# One-token queries against a cache: cuDNN's SDPA builds a new execution plan for every key length
+# (~10 ms of CPU per call for microseconds of GPU work, issue 18), so decoding excludes it.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decode_attention_context(query_len: int, past_key_values):
+    """SDPA backends for this call: all of them for prompts and training, no cuDNN when decoding."""
+    if query_len == 1 and past_key_values is not None:
+        return sdpa_kernel(DECODE_SDPA_BACKENDS)
+    return nullcontext()
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -54,8 +66,10 @@ class HQwen3DecoderLayer(GradientCheckpointingLayer):
         self.alignment_pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _attention(self, x, masks, position_embeddings, past_key_values, **kwargs):
-        out, _ = self.self_attn(hidden_states=x, attention_mask=masks["full_attention"],
-                                position_embeddings=position_embeddings, past_key_values=past_key_values, **kwargs)
+        with decode_attention_context(x.shape[1], past_key_values):
+            out, _ = self.self_attn(hidden_states=x, attention_mask=masks["full_attention"],
+                                    position_embeddings=position_embeddings, past_key_values=past_key_values,
+                                    **kwargs)
         return out
 
     def _gdn(self, x, masks, cu_seqlens, past_key_values):
