@@ -38,7 +38,7 @@ class StaticCache:
         config = model.config
         param = next(model.parameters())
         device, dtype = device or param.device, dtype or param.dtype
-        self.batch, self.max_len, self.length = batch, max_len, 0
+        self.batch, self.max_len, self.length, self.device = batch, max_len, 0, torch.device(device)
         self.k, self.v, self.conv, self.state = {}, {}, {}, {}
         kv_heads, head_dim = config.num_key_value_heads, config.head_dim
         for i, layer in enumerate(model.model.layers):
@@ -78,8 +78,7 @@ class Decoder:
         self.layers = list(model.model.layers)
         self.graph = None
         if cuda_graph:
-            device = cache.tensors()[0].device
-            B = cache.batch
+            device, B = cache.device, cache.batch
             self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
             self.pos = torch.zeros(1, dtype=torch.long, device=device)
             self.seqused = torch.zeros(B, dtype=torch.int32, device=device)
