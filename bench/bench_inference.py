@@ -112,12 +112,20 @@ def prefill_and_decode(model, context: int, args, device, cuda: bool) -> dict:
     del cache
     free_memory()
     cache = StaticCache(model, 1, context + args.decode_steps + 1)
-    decoder = Decoder(model, cache, cuda_graph=cuda)
+    decoder = Decoder(model, cache, cuda_graph=cuda and args.graph)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     long_ctx = context > 32768
     prefill_ms = median_ms(lambda: decoder.prefill(ids), 1, 2 if long_ctx else args.iters, cuda)
-    step_ms = decode_ms_per_step(decoder, context, args.decode_steps, 1, args.iters, cuda)
-    return {"prefill_ms": prefill_ms, "decode_b1_ms_per_step": step_ms, "decode_b1_tok_s": 1e3 / step_ms,
+    try:
+        step_ms = decode_ms_per_step(decoder, context, args.decode_steps, 1, args.iters, cuda)
+    except RuntimeError as err:  # keep the run's other numbers if the captured step fails here
+        if not decoder.cuda_graph:
+            raise
+        progress(f"captured decode failed ({str(err).splitlines()[0]}); eager decode from here on")
+        args.graph = False
+        decoder = Decoder(model, cache)
+        step_ms = decode_ms_per_step(decoder, context, args.decode_steps, 1, args.iters, cuda)
+    return {"graph": decoder.cuda_graph, "prefill_ms": prefill_ms, "decode_b1_ms_per_step": step_ms, "decode_b1_tok_s": 1e3 / step_ms,
             "per_seq_bytes": per_seq, "per_seq_gib": per_seq / 2**30}
 
 
@@ -139,7 +147,7 @@ def saturated_decode(model, context: int, args, cuda: bool) -> dict:
     while batch >= 1:
         try:
             cache = StaticCache(model, int(batch), max_len)
-            decoder = Decoder(model, cache, cuda_graph=cuda)
+            decoder = Decoder(model, cache, cuda_graph=cuda and args.graph)
             step_ms = decode_ms_per_step(decoder, context, args.decode_steps, 1, args.iters, cuda)
             return {"max_batch": int(batch), "decode_max_ms_per_step": step_ms,
                     "decode_max_tok_s": batch * 1e3 / step_ms, "budget_gib": budget / 2**30}
@@ -217,27 +225,27 @@ def meta(args, device) -> dict:
     return info
 
 
-def measure_model(kind, args, device, dtype, cuda, results, save):
+def measure(kind, L, args, device, dtype, cuda, results, save):
+    """One model at one context; the model is built afresh so that it alone holds memory."""
     shape = dict(SHAPES[args.shape], num_hidden_layers=args.layers or SHAPES[args.shape]["num_hidden_layers"])
     torch.manual_seed(0)
     model = build(kind, shape, device, dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    progress(f"{kind}: {weights / 2**30:.2f} GiB of weights, {shape['num_hidden_layers']} layers")
     with torch.no_grad():
-        if args.generate_context:
+        if args.generate_context and not any(r["model"] == kind and r["kind"] == "generate" for r in results["rows"]):
             results["rows"].append({"model": kind, "context": args.generate_context, "kind": "generate",
                                     **generate_rows(kind, model, args, device, cuda)})
             save()
-        for L in args.contexts:
-            row = {"model": kind, "context": L, "kind": "static", "weights_gib": weights / 2**30}
-            results["rows"].append(row)
-            row.update(prefill_and_decode(model, L, args, device, cuda))
-            progress(f"{kind} {L:>6}: prefill {row['prefill_ms']:.1f} ms, decode b1 {row['decode_b1_tok_s']:.1f} tok/s, "
-                     f"{row['per_seq_gib']:.3f} GiB/seq")
-            save()
-            row.update(saturated_decode(model, L, args, cuda))
-            progress(f"{kind} {L:>6}: max batch {row['max_batch']}, {row.get('decode_max_tok_s', 0):.1f} tok/s")
-            save()
+        row = {"model": kind, "context": L, "kind": "static", "layers": shape["num_hidden_layers"],
+               "weights_gib": weights / 2**30}
+        results["rows"].append(row)
+        row.update(prefill_and_decode(model, L, args, device, cuda))
+        progress(f"{kind} {L:>6}: prefill {row['prefill_ms']:.1f} ms, decode b1 {row['decode_b1_tok_s']:.1f} tok/s, "
+                 f"{row['per_seq_gib']:.3f} GiB/seq")
+        save()
+        row.update(saturated_decode(model, L, args, cuda))
+        progress(f"{kind} {L:>6}: max batch {row['max_batch']}, {row.get('decode_max_tok_s', 0):.1f} tok/s")
+        save()
     del model
     free_memory()
 
@@ -254,6 +262,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cpu-memory-gib", type=float, default=0.05, help="memory for caches on CPU (smoke test)")
     p.add_argument("--max-batch-cap", type=int, default=0, help="upper bound on the saturated batch (0: none)")
     p.add_argument("--generate-context", type=int, default=0, help="also time generate() here (0: skip)")
+    p.add_argument("--no-graph", dest="graph", action="store_false", help="eager decode steps on GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -272,8 +281,9 @@ def main(argv=None) -> dict:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))
 
-    for kind in models:
-        measure_model(kind, args, device, dtype, cuda, results, save)
+    for L in args.contexts:  # contexts outermost: each finished context has its ratios
+        for kind in models:
+            measure(kind, L, args, device, dtype, cuda, results, save)
     save()
     for L, r in results["ratios"].items():
         progress(f"hybrid/teacher at {L}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
