@@ -125,7 +125,8 @@ def prefill_and_decode(model, context: int, args, device, cuda: bool) -> dict:
         args.graph = False
         decoder = Decoder(model, cache)
         step_ms = decode_ms_per_step(decoder, context, args.decode_steps, 1, args.iters, cuda)
-    return {"graph": decoder.cuda_graph, "prefill_ms": prefill_ms, "decode_b1_ms_per_step": step_ms, "decode_b1_tok_s": 1e3 / step_ms,
+    return {"graph": decoder.cuda_graph, "prefill_ms": prefill_ms, "decode_b1_ms_per_step": step_ms,
+            "decode_b1_tok_s": 1e3 / step_ms,
             "per_seq_bytes": per_seq, "per_seq_gib": per_seq / 2**30}
 
 
@@ -210,7 +211,8 @@ def ratios(rows: list[dict]) -> dict:
 def meta(args, device) -> dict:
     import transformers
 
-    info = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "device": str(device), "torch": torch.__version__,
+    info = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "device": str(device), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

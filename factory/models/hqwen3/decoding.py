@@ -68,7 +68,8 @@ class Decoder:
     """Prefill and greedy decoding over a ``StaticCache``.
 
     ``cuda_graph`` captures one decode step (CUDA only); otherwise each step runs eagerly, with
-    attention over the valid slice of the cache through SDPA (without cuDNN when decoding). Both read and write the same cache.
+    attention over the valid slice of the cache through SDPA (without cuDNN when decoding). Both
+    read and write the same cache.
     """
 
     def __init__(self, model, cache: StaticCache, cuda_graph: bool = False):
