@@ -56,7 +56,9 @@ from factory.distributed.tiled_mlp import apply_tiled_mlp  # noqa: E402
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM  # noqa: E402
 from factory.priming.select import alternate_layers  # noqa: E402
 from factory.train.activation_checkpointing import enable_activation_checkpointing  # noqa: E402
-from factory.train.stages import extend_context, next_token_sum, select_trainable  # noqa: E402
+from factory.models.hqwen3.student import extend_context  # noqa: E402
+from factory.stages.training import next_token_sum  # noqa: E402
+from factory.train.trainable import select_trainable  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's directory)
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

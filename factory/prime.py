@@ -25,7 +25,7 @@ def _fail(err: ConfigError) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="prime", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from factory.checkpoint.callback import Preempted
+    from factory.train.checkpointing import Preempted
     from factory.checkpoint.state import ResumeRefused
 
     try:

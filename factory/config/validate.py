@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from factory.config.schema import STAGES, TRAIN_STAGES, PrimeConfig
-from factory.rundir import PIPELINE_JSON, PipelineDir, config_hash, pipeline_identity
+from factory.rundir import PIPELINE_JSON
 
 # The accepted values, in one place (new selection methods, losses, ... are added here).
 SELECT_METHODS = ("manual", "alternate", "swa_proxy", "gdn_proxy", "kl_trained")
@@ -273,7 +273,8 @@ def _has_text_record(path: Path, text_field: str) -> bool:
 
 
 def check_pipeline_dir(cfg: PrimeConfig) -> None:
-    """Refuse to resume a directory made with another config, and never adopt a foreign directory."""
+    """Never adopt a foreign directory. A pipeline directory made with other settings is fine: each stage
+    reruns or is reused by its own identity (factory.pipeline)."""
     root = Path(cfg.output_dir)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir '{cfg.output_dir}' is a file; accepted: a new or pipeline directory")
@@ -282,11 +283,3 @@ def check_pipeline_dir(cfg: PrimeConfig) -> None:
     if not (root / PIPELINE_JSON).is_file():
         raise ConfigError(f"output_dir '{cfg.output_dir}' exists and is not a pipeline directory "
                           f"(no {PIPELINE_JSON}); accepted: a new or empty output_dir")
-    try:
-        recorded = PipelineDir(root).recorded_hash()
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = "unreadable"
-    current = config_hash(pipeline_identity(cfg))
-    if recorded != current and cfg.on_existing != "overwrite":
-        raise ConfigError(f"output_dir '{cfg.output_dir}' holds a pipeline made with a different config "
-                          f"(hash {recorded}, now {current}); rerun with on_existing=overwrite or a new output_dir")

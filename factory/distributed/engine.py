@@ -1,4 +1,5 @@
-"""DeepSpeed engines behind the loop's engine seam (see ``factory.train.engine.LocalEngine``)."""
+"""DeepSpeed engines behind the training loop's engine seam (the same methods as ``LocalEngine`` in
+``factory.train.engine``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from factory.config.schema import DeepSpeedConfig, TrainStageConfig
 from factory.distributed.env import DistEnv
 from factory.distributed.zero import zero_config
-from factory.train.engine import lr_multiplier, param_groups
+from factory.optim import lr_multiplier, param_groups
 
 ENGINE_TAG = "engine"  # DeepSpeed's own files live in <checkpoint>/engine/
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.checkpoint.callback import Preempted
+from factory.train.checkpointing import Preempted
 from factory.checkpoint.state import ResumeRefused, checkpoint_root
 from factory.pipeline import run_pipeline
 from tests.fixtures import make_tiny_assets, tiny_pipeline_config
