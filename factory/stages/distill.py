@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from factory.config.schema import TrainStageConfig
 from factory.distill.losses import tiled_kl_loss
 from factory.stages.base import DEEPSPEED, MODEL, RUN, TEXT, Stage

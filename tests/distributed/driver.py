@@ -22,7 +22,7 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     kill_after = args.pop("kill_after_step", None)
     if kill_after is not None:
-        from factory.checkpoint import callback
+        from factory.train import checkpointing as callback
 
         original = callback.CheckpointCallback.save
 
