@@ -16,6 +16,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from transformers.initialization import no_init_weights
 
 from factory.checkpoint import shards
 from factory.checkpoint.shards import ShardWriter, write_model_files
@@ -28,7 +29,6 @@ def build_sharded(model_class, config, ds: DeepSpeedConfig, precision: str):
     """``model_class(config)`` partitioned as it is built. Its weights are left uninitialized:
     initialization overwrites every one, and random init would cost a gather per module."""
     import deepspeed
-    from transformers.initialization import no_init_weights
 
     with zero3_loading(ds, precision) as marker, no_init_weights(), \
             deepspeed.zero.Init(config_dict_or_path=marker.config):

@@ -34,6 +34,9 @@ import torch.nn.functional as F
 
 from factory.config.schema import DataConfig, InitConfig, SelectConfig
 from factory.data.packing import IGNORE_INDEX, packed_rows
+from factory.data.synthetic import DEFAULT_FILLER, Filler, encode_sample, make_samples, token_counter
+from factory.models.hqwen3 import HQwen3ForCausalLM
+from factory.priming.init import build_hybrid_from_teacher, hybrid_config, init_gdn_from_attention, layer_generator
 
 FLOPS_FORMULA = ("FLOPs = 2*N*forward_tokens + 4*N*backward_tokens, N = teacher parameters (embeddings included); "
                  "a pass that replays layers below i counts (L-i)/L of a forward")
@@ -120,9 +123,6 @@ def _text_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int, min_dista
 
 def _answer_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int) -> CalibrationPart:
     """Retrieval samples (half kv, half passkey) whose fact is beyond the window, answers scored."""
-    from factory.data.synthetic import Filler, make_samples, token_counter
-    from factory.eval.retrieval import DEFAULT_FILLER, encode_sample
-
     tok = inputs.tokenizer
     filler = Filler(DEFAULT_FILLER.read_text(), token_counter(tok))
     # Room for the prefix (<= 64 tokens), the fact and the question within seq_len; beyond the
@@ -302,8 +302,6 @@ def replace_layer(probe, layer: int, kind: str, window: int) -> Callable[[], Non
 @torch.no_grad()
 def _materialize_gdn(probe, layer: int) -> None:
     """The layer's GDN, initialized from its attention exactly as the init stage will do it."""
-    from factory.priming.init import init_gdn_from_attention, layer_generator
-
     decoder = probe.model.layers[layer]
     weight = decoder.self_attn.q_proj.weight
     decoder.linear_attn.to_empty(device=weight.device).to(weight.dtype)
@@ -315,9 +313,6 @@ def build_probe(teacher, kind: str, init: InitConfig, seed: int):
     """The teacher's network in which every layer can be switched to its replacement. It holds the
     teacher's own tensors, not a copy; a layer's GDN exists only while that layer is replaced, so
     scoring costs one GDN layer of memory beyond the teacher (a 32B teacher is 65 GB in bf16)."""
-    from factory.models.hqwen3 import HQwen3ForCausalLM
-    from factory.priming.init import hybrid_config
-
     n = teacher.config.num_hidden_layers
     types = ["linear_attention" if kind == "gdn" else "full_attention"] * n
     with torch.device("meta"):
@@ -406,8 +401,6 @@ def _kl_from_hidden(h_s, h_t, head_s, head_t, labels, tile: int = 1024) -> torch
 
 def _train_one_layer(teacher, layer: int, cfg: SelectConfig, inputs: ScoringInputs, rows, compute: Compute):
     """A hybrid with only ``layer`` converted, GDN distilled for ``cfg.trained_steps`` steps."""
-    from factory.priming.init import build_hybrid_from_teacher
-
     n = teacher.config.num_hidden_layers
     types = ["linear_attention" if i == layer else "full_attention" for i in range(n)]
     model = build_hybrid_from_teacher(teacher, types, inputs.init, inputs.seed, keep_teacher_attention=False)

@@ -1,5 +1,6 @@
 """The hybrid's facts: which state-dict names are the student's, the submodules initialization and
-sharded saving visit, and the student alone without the kept teacher attention; and a longer context (RoPE base and position limit)."""
+sharded saving visit, the student alone without the kept teacher attention, and a longer context
+(RoPE base and position limit)."""
 
 from __future__ import annotations
 
