@@ -110,7 +110,6 @@ def priming_flops(cfg: PrimeConfig, params: int) -> float:
     for stage, per_token in STAGE_FLOPS_PER_TOKEN.items():
         if stage in cfg.stages:
             s = getattr(cfg, stage)
-            per_token += 2 if stage in ("longctx", "sft") and s.loss == "kl" else 0
             total += per_token * params * s.steps * s.batch_size * s.grad_accum * (s.seq_len or cfg.data.seq_len)
     return total
 

@@ -74,7 +74,7 @@ def test_every_model_and_recipe_composes_and_validates(model, recipe):
     assert cfg.recipe == recipe
     assert cfg.stages == ["select", "init", "align", "distill", "longctx", "sft", "export", "eval"]
     assert cfg.select.ratio == int(recipe[4:6]) / 100
-    assert (cfg.align.loss, cfg.distill.loss) == ("layerwise", "kl")
+    assert cfg.align.loss == "layerwise"
     assert "${" not in yaml and f"recipe: {recipe}" in yaml
     expected = str(TEACHER) if model == "tiny" else f"Qwen/Qwen3-{model[6:].upper()}"
     assert cfg.model.path == expected
@@ -160,7 +160,6 @@ def test_ratio_outside_open_interval(ratio):
     ("precision=fp16", ["'fp16'", "bf16"]),
     ("device=tpu", ["'tpu'", "cuda"]),
     ("align.loss=kl", ["align.loss='kl'", "layerwise, pre_lm_head"]),
-    ("distill.loss=mse", ["distill.loss='mse'", "kl"]),
     ("distill.trainable=lora", ["'lora'", "gdn+norms"]),
     ("align.optim.schedule=linear", ["'linear'", "cosine, constant"]),
     ("logger=wandb", None),
