@@ -95,12 +95,11 @@ def load_hybrid(path: Path, run):
 
 def align_engine(model, run, activation_checkpointing: bool):
     from factory.distributed.engine import DeepSpeedTrainEngine
-    from factory.train.activation_checkpointing import enable_activation_checkpointing
+    from factory.distributed.parallelize import parallelize
     from factory.stages.align import align_loss_fn
     from factory.train.trainable import select_trainable
 
-    if activation_checkpointing:
-        enable_activation_checkpointing(model)
+    parallelize(model, activation_checkpointing=activation_checkpointing)
 
     engine = DeepSpeedTrainEngine(model, select_trainable(model, "gdn"), run["stage"], run["ds"], run["precision"],
                                   run["env"])

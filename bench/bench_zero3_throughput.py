@@ -255,7 +255,7 @@ class StepTimer:
 def time_arm(arm: str, args, run) -> dict:
     """Build the arm, train ``warmup + steps`` steps through the project's loop, free everything."""
     from factory.distributed.engine import DeepSpeedTrainEngine, release_modules
-    from factory.train.activation_checkpointing import enable_activation_checkpointing
+    from factory.distributed.parallelize import parallelize
     from factory.train.loop import train_loop
 
     device, env = run["device"], run["env"]
@@ -263,8 +263,7 @@ def time_arm(arm: str, args, run) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     setup = ARM_SETUP[arm](args, run)
     model = setup["model"]
-    if args.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    parallelize(model, activation_checkpointing=args.activation_checkpointing)
     engine = DeepSpeedTrainEngine(model, setup["params"], run["stage"], run["ds"], run["precision"], env)
     model.train()
     timer = StepTimer(device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from factory.config.schema import DeepSpeedConfig, TrainStageConfig
+from factory.config.schema import DeepSpeedConfig, TrainingConfig
 from factory.distributed.env import DistEnv
 from factory.distributed.zero import zero_config
 from factory.optim import lr_multiplier, param_groups
@@ -22,7 +22,7 @@ class DeepSpeedTrainEngine:
     """ZeRO engine with our AdamW and schedule. DeepSpeed averages gradients over ranks,
     accumulates over micro-batches and steps the scheduler at each accumulation boundary."""
 
-    def __init__(self, model, named_params, stage: TrainStageConfig, ds: DeepSpeedConfig, precision: str,
+    def __init__(self, model, named_params, stage: TrainingConfig, ds: DeepSpeedConfig, precision: str,
                  env: DistEnv, load_universal: bool = False):
         import deepspeed
 

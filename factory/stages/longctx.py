@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from factory.data.packing import packed_rows
 from factory.distributed.sequence_parallel import build_sequence_parallel
-from factory.distributed.tiled_mlp import apply_tiled_mlp
 from factory.models.hqwen3.student import extend_context
 from factory.stages.base import DEEPSPEED, MODEL, RUN, Stage
 from factory.stages.context import StageContext
@@ -23,9 +22,6 @@ def run_longctx(ctx: StageContext) -> dict:
     if cfg.sp_degree > 1:
         sp = build_sequence_parallel(ctx.env.rank, ctx.env.world_size, cfg.sp_degree)
         sp.check(student.config, seq_len)
-        sp.apply(student)
-    if cfg.tiled_mlp_tokens:
-        apply_tiled_mlp(student, cfg.tiled_mlp_tokens)
     params = select_trainable(student, cfg.trainable)
     rows = packed_rows(cfg.data_files, ctx.tokenizer, seq_len, ctx.cfg.data.text_field, ctx.cache_dir,
                        ctx.cfg.data.num_proc)
@@ -41,8 +37,8 @@ def run_longctx(ctx: StageContext) -> dict:
         if sp is not None:
             student.set_attn_implementation(ctx.cfg.model.attn_implementation)
 
-    result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp_degree=cfg.sp_degree,
-                          before_save=plain_attention, offload_checkpoints=cfg.offload_checkpoints)
+    result = run_training(ctx, cfg, student, params, next_token, rows=rows, sp=sp, before_save=plain_attention,
+                          tiled_mlp_tokens=cfg.tiled_mlp_tokens, offload_checkpoints=cfg.offload_checkpoints)
     return {**result, "seq_len": seq_len, "rope_theta": cfg.rope_theta, "sp_degree": cfg.sp_degree}
 
 

@@ -12,21 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from factory.checkpoint.state import ResumeRefused, find_resumable, load_trainer_state, restore_rng
-from factory.config.schema import TrainStageConfig
+from factory.config.schema import TrainingConfig
 from factory.data.loader import RowLoader
 from factory.data.packing import IGNORE_INDEX, PackedRows, packed_rows
 from factory.distill.losses import tiled_cross_entropy
 from factory.distributed.engine import DeepSpeedTrainEngine, forward_only
+from factory.distributed.parallelize import parallelize
+from factory.distributed.sequence_parallel import SequenceParallel
 from factory.distributed.sharded import save_sharded
 from factory.models.hqwen3.student import drop_teacher_attention, student_config, student_key
 from factory.stages.context import StageContext
-from factory.train.activation_checkpointing import enable_activation_checkpointing
 from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
 from factory.train.checkpointing import CheckpointCallback
 from factory.train.engine import LocalEngine
 from factory.train.loop import StepState, train_loop
 
-def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig, start_step: int):
+def _callbacks(ctx: StageContext, stage_cfg: TrainingConfig, start_step: int):
     if not ctx.env.is_main:
         return []
     metrics = ctx.stage_dir / "metrics.jsonl"
@@ -62,7 +63,7 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
     return state
 
 
-def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params):
+def build_engine(ctx: StageContext, stage_cfg: TrainingConfig, model, named_params):
     if not ctx.cfg.deepspeed.enabled:
         return LocalEngine(model, named_params, stage_cfg.optim, stage_cfg.steps, ctx.precision)
     # A checkpoint from another world size loads through DeepSpeed's universal format.
@@ -72,20 +73,21 @@ def build_engine(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_pa
                                 load_universal=elastic)
 
 
-def run_training(ctx: StageContext, stage_cfg: TrainStageConfig, model, named_params, loss_fn,
-                 rows: PackedRows | None = None, sp_degree: int = 1, before_save=None,
-                 offload_checkpoints: bool = False) -> dict:
+def run_training(ctx: StageContext, stage_cfg: TrainingConfig, model, named_params, loss_fn,
+                 rows: PackedRows | None = None, sp: SequenceParallel | None = None, before_save=None,
+                 tiled_mlp_tokens: int = 0, offload_checkpoints: bool = False) -> dict:
     """Train on ``rows`` (default: the packed text data at the stage's row length), save the stage's
-    model (``before_save()`` first, if given) and release the engine. With sequence parallelism the
-    ranks of one SP group read the same rows and split them in ``loss_fn``. Activation checkpoints
-    go to CPU memory with ``offload_checkpoints`` (the longctx stage's option)."""
+    model (``before_save()`` first, if given) and release the engine. ``parallelize`` applies sequence
+    parallelism (``sp``: the ranks of one SP group read the same rows and split them in ``loss_fn``),
+    tiled MLPs and the stage's activation checkpointing (to CPU memory with ``offload_checkpoints``:
+    the longctx stage's options)."""
+    sp_degree = sp.degree if sp is not None else 1
     if rows is None:
         rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, stage_cfg.seq_len or ctx.cfg.data.seq_len,
                            ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
     loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank // sp_degree,
                        world_size=ctx.env.world_size // sp_degree)
-    if stage_cfg.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=offload_checkpoints)
+    parallelize(model, sp, tiled_mlp_tokens, stage_cfg.activation_checkpointing, offload_checkpoints)
     engine = build_engine(ctx, stage_cfg, model, named_params)
     state = _resume(ctx, engine, loader, stage_cfg.steps)
     checkpoints = CheckpointCallback(ctx.stage_dir, engine, loader, ctx.cfg.checkpoint, ctx.stage_hash, ctx.env.rank)
