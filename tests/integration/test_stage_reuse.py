@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from factory.pipeline import run_pipeline
-from factory.stages.registry import STAGES
 from tests.fixtures import make_tiny_assets, tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
@@ -58,12 +57,6 @@ def rerun(out: Path, cfg, capsys) -> tuple[list[str], list[str], str]:
 
 def reruns_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if "reruns with changed settings" in line]
-
-
-def test_schema_stage_names_are_the_registry(first_run):
-    from factory.config.schema import STAGES as SCHEMA_STAGES
-
-    assert SCHEMA_STAGES == tuple(stage.name for stage in STAGES)
 
 
 def test_unchanged_rerun_reuses_everything(assets, first_run, capsys):
