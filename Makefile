@@ -1,13 +1,18 @@
 PY ?= python3
-.PHONY: install test test-fast demo gpu-test bench
+.PHONY: install lint test test-fast demo gpu-test bench
 
 # Where no torch is installed, the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 
-test: install
+test: install lint
 	$(PY) -m pytest -q --timeout=900 tests
+
+# Import contracts (pyproject [tool.importlinter]: dependencies point one way) and ruff.
+lint:
+	lint-imports
+	ruff check
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow and not distributed" tests

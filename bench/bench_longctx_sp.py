@@ -52,11 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from factory.config.schema import PrimeConfig  # noqa: E402
 from factory.data.packing import IGNORE_INDEX  # noqa: E402
 from factory.distributed.sequence_parallel import build_sequence_parallel  # noqa: E402
-from factory.distributed.tiled_mlp import apply_tiled_mlp  # noqa: E402
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM  # noqa: E402
 from factory.priming.select import alternate_layers  # noqa: E402
-from factory.train.activation_checkpointing import enable_activation_checkpointing  # noqa: E402
-from factory.train.stages import extend_context, next_token_sum, select_trainable  # noqa: E402
+from factory.distributed.parallelize import parallelize  # noqa: E402
+from factory.models.hqwen3.student import extend_context  # noqa: E402
+from factory.stages.training import next_token_sum  # noqa: E402
+from factory.train.trainable import select_trainable  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's directory)
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -83,10 +84,8 @@ def build_model(kind: str, args, sp, device, dtype):
         model = HQwen3ForCausalLM(config)
     model.to(dtype).train()
     extend_context(model, ROPE_THETA, args.max_tokens)
-    sp.apply(model)
-    enable_activation_checkpointing(model, offload=args.offload_checkpoints)
-    if args.tiled_mlp_tokens:
-        apply_tiled_mlp(model, args.tiled_mlp_tokens)
+    parallelize(model, sp, args.tiled_mlp_tokens, activation_checkpointing=True,
+                offload_checkpoints=args.offload_checkpoints)
     select_trainable(model, args.trainable)
     return model
 

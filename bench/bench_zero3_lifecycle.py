@@ -95,11 +95,11 @@ def load_hybrid(path: Path, run):
 
 def align_engine(model, run, activation_checkpointing: bool):
     from factory.distributed.engine import DeepSpeedTrainEngine
-    from factory.train.activation_checkpointing import enable_activation_checkpointing
-    from factory.train.stages import align_loss_fn, select_trainable
+    from factory.distributed.parallelize import parallelize
+    from factory.stages.align import align_loss_fn
+    from factory.train.trainable import select_trainable
 
-    if activation_checkpointing:
-        enable_activation_checkpointing(model)
+    parallelize(model, activation_checkpointing=activation_checkpointing)
 
     engine = DeepSpeedTrainEngine(model, select_trainable(model, "gdn"), run["stage"], run["ds"], run["precision"],
                                   run["env"])
@@ -126,14 +126,17 @@ def free(engine, model) -> None:
 
 
 def phase_init(args, run, phases: dict, out: Path) -> dict:
+    from functools import partial
+
     from factory.config.schema import InitConfig
     from factory.distributed.sharded import build_sharded, init_sharded
     from factory.models.hqwen3 import HQwen3ForCausalLM
+    from factory.priming.init import init_group
 
     with Phase(run, phases, "init"):
         teacher = build("teacher", args, run).requires_grad_(False)
         hybrid = build_sharded(HQwen3ForCausalLM, model_config(args, "align"), run["ds"], run["precision"])
-        stats = init_sharded(teacher, hybrid, InitConfig(), 0, out, run["env"].is_main)
+        stats = init_sharded(teacher, hybrid, partial(init_group, init=InitConfig(), seed=0), out, run["env"].is_main)
     del teacher, hybrid
     gc.collect()
     return stats

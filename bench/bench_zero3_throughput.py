@@ -172,7 +172,8 @@ def build(kind: str, args, run):
 
 
 def arm_align(args, run) -> dict:
-    from factory.train.stages import align_loss_fn, select_trainable
+    from factory.stages.align import align_loss_fn
+    from factory.train.trainable import select_trainable
 
     model = build("align", args, run)
     params = select_trainable(model, "gdn")
@@ -182,7 +183,8 @@ def arm_align(args, run) -> dict:
 
 def arm_distill(args, run) -> dict:
     from factory.distributed.engine import frozen_engine
-    from factory.train.stages import distill_loss_fn, select_trainable
+    from factory.stages.distill import distill_loss_fn
+    from factory.train.trainable import select_trainable
 
     student = build("hybrid", args, run)
     teacher = build("teacher", args, run).eval().requires_grad_(False)
@@ -196,7 +198,8 @@ def arm_distill(args, run) -> dict:
 
 
 def arm_baseline(args, run) -> dict:
-    from factory.train.stages import next_token_sum, select_trainable
+    from factory.stages.training import next_token_sum
+    from factory.train.trainable import select_trainable
 
     model = build("baseline", args, run)
     params = select_trainable(model, "all")
@@ -252,7 +255,7 @@ class StepTimer:
 def time_arm(arm: str, args, run) -> dict:
     """Build the arm, train ``warmup + steps`` steps through the project's loop, free everything."""
     from factory.distributed.engine import DeepSpeedTrainEngine, release_modules
-    from factory.train.activation_checkpointing import enable_activation_checkpointing
+    from factory.distributed.parallelize import parallelize
     from factory.train.loop import train_loop
 
     device, env = run["device"], run["env"]
@@ -260,8 +263,7 @@ def time_arm(arm: str, args, run) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     setup = ARM_SETUP[arm](args, run)
     model = setup["model"]
-    if args.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    parallelize(model, activation_checkpointing=args.activation_checkpointing)
     engine = DeepSpeedTrainEngine(model, setup["params"], run["stage"], run["ds"], run["precision"], env)
     model.train()
     timer = StepTimer(device)
@@ -306,7 +308,7 @@ MFU_FORMULA = " ".join(__doc__[__doc__.index("MFU = "):__doc__.index("Scaling ef
 def setup_run(args) -> dict:
     from factory.config.schema import DeepSpeedConfig, OptimConfig, PrimeConfig, TrainStageConfig
     from factory.distributed.env import init_distributed
-    from factory.stage_context import StageContext
+    from factory.stages.context import StageContext
 
     env = init_distributed()
     cuda = torch.cuda.is_available()
@@ -319,7 +321,7 @@ def setup_run(args) -> dict:
                              optim=OptimConfig(), plot=False)
     # The stage losses read ZeRO-3 state (gathered LM heads) from a stage context.
     ctx = StageContext(cfg=PrimeConfig(deepspeed=ds), name="distill", stage_dir=Path(tempfile.gettempdir()),
-                       parent_dir=None, device=device, precision=precision, env=env)
+                       parent_dir=None, device=device, precision=precision, env=env, ranks="all")
     return {"env": env, "device": device, "precision": precision, "ds": ds, "stage": stage, "ctx": ctx}
 
 

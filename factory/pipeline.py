@@ -1,5 +1,6 @@
-"""Runs the recipe's stages in order, each from its parent's directory to its own, skipping
-stages whose artifact is complete and was made by this config."""
+"""Runs the recipe's stages in order, each from its parent's directory to its own. A complete stage
+whose identity (its settings, the shared settings it reads, its parent's identity) matches is
+reused; the first that differs reruns, and so does everything after it."""
 
 from __future__ import annotations
 
@@ -8,23 +9,19 @@ import shutil
 import time
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 
 from factory.checkpoint.state import checkpoint_root
 from factory.config.schema import PrimeConfig
 from factory.distributed.env import DistEnv, init_distributed
-from factory.rundir import PipelineDir, config_hash, is_complete, mark_complete, pipeline_identity
-from factory.stage_context import StageContext
-
-
-def stage_functions() -> dict:
-    from factory.checkpoint.export import run_export
-    from factory.eval.stage import run_eval
-    from factory.priming.stages import run_init, run_select
-    from factory.train.stages import run_align, run_distill, run_longctx, run_sft
-
-    return {"select": run_select, "init": run_init, "align": run_align, "distill": run_distill,
-            "longctx": run_longctx, "sft": run_sft, "export": run_export, "eval": run_eval}
+from factory.eval.summary import write_summary
+from factory.rundir import STAGE_JSON, PipelineDir, is_complete, mark_complete, read_stage
+from factory.stages.base import Stage
+from factory.stages.context import StageContext
+from factory.stages.identity import changed_settings, identity_hash, stage_identity
+from factory.stages.registry import BY_NAME
 
 
 def resolve_device(cfg: PrimeConfig, env: DistEnv) -> tuple[torch.device, str]:
@@ -34,16 +31,8 @@ def resolve_device(cfg: PrimeConfig, env: DistEnv) -> tuple[torch.device, str]:
     return device, precision
 
 
-def _stage_hash(cfg: PrimeConfig, upto: int) -> str:
-    # A stage's identity is the pipeline's config and the stages before it.
-    return config_hash({"pipeline": pipeline_identity(cfg), "stages": list(cfg.stages[: upto + 1])})
-
-
 def quiet_libraries() -> None:
     """Our own progress bar is the one that matters; silence the per-file bars of HF libraries."""
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -62,26 +51,46 @@ def run_pipeline(cfg: PrimeConfig, resolved_yaml: str) -> Path:
     if env.is_main:
         pipeline.initialize(cfg, resolved_yaml, overwrite=cfg.on_existing == "overwrite")
     env.barrier()
-    functions = stage_functions()
-    parent = None
+    parent, parent_hash, rerun = None, None, False
     for index, name in enumerate(cfg.stages):
-        stage_dir = pipeline.stage_dir(index + 1, name)
-        ctx = StageContext(cfg, name, stage_dir, parent, device, precision, _stage_hash(cfg, index), env)
-        if is_complete(stage_dir, ctx.stage_hash):
+        stage, stage_dir = BY_NAME[name], pipeline.stage_dir(index + 1, name)
+        identity = stage_identity(stage, cfg, device.type, precision, parent_hash)
+        ctx = StageContext(cfg, name, stage_dir, parent, device, precision, identity_hash(identity), env,
+                           ranks=stage.ranks)
+        if not rerun and is_complete(stage_dir, ctx.stage_hash):
             log(env, f"[{name}] complete in {stage_dir}, skipped")
-        elif ctx.collective or env.is_main:
-            _run_stage(functions[name], ctx)
+        else:
+            if env.is_main:
+                _prepare(stage, stage_dir, identity, cfg.stages[:index], downstream=rerun)
+            rerun = True  # every later stage builds on this one's new artifact
+            if ctx.collective or env.is_main:
+                _run_stage(stage, ctx, identity)
         env.barrier()
-        parent = stage_dir
+        parent, parent_hash = stage_dir, ctx.stage_hash
     if not env.is_main:
         return pipeline.root
     if "eval" in cfg.stages:
-        from factory.eval.stage import write_summary
-
-        print(write_summary(parent if cfg.stages[-1] == "eval" else
-                            pipeline.stage_dir(cfg.stages.index("eval") + 1, "eval"), pipeline.root, cfg.recipe))
+        print(write_summary(pipeline.stage_dir(cfg.stages.index("eval") + 1, "eval"), pipeline.root, cfg.recipe))
     print(f"pipeline directory: {pipeline.root}")
     return pipeline.root
+
+
+def _prepare(stage: Stage, stage_dir: Path, identity: dict, reused: list[str], downstream: bool) -> None:
+    """Before a stage runs: a directory made from another parent (``downstream``) or by a complete run
+    with other settings is stale and goes, after one line naming what changed. An incomplete one stays:
+    the stage resumes from its checkpoints (refused there if they were made by other settings)."""
+    if not (stage_dir / STAGE_JSON).exists() or not stage_dir.is_dir():
+        if downstream:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        return
+    previous = read_stage(stage_dir)
+    if not previous.get("complete") and not downstream:
+        return
+    if not downstream:
+        changes = changed_settings(stage, previous.get("identity"), identity)
+        kept = f"; reusing {', '.join(reused)}" if reused else ""
+        print(f"[{stage.name}] reruns with changed settings: {'; '.join(changes)}{kept}", flush=True)
+    shutil.rmtree(stage_dir)
 
 
 def log(env: DistEnv, message: str) -> None:
@@ -89,7 +98,7 @@ def log(env: DistEnv, message: str) -> None:
         print(message, flush=True)
 
 
-def _run_stage(fn, ctx: StageContext) -> None:
+def _run_stage(stage: Stage, ctx: StageContext, identity: dict) -> None:
     collective = ctx.collective
     # An incomplete stage runs again; a training stage resumes from its own checkpoints.
     if ctx.env.is_main:
@@ -99,12 +108,12 @@ def _run_stage(fn, ctx: StageContext) -> None:
         ctx.env.barrier()
     started = time.perf_counter()
     log(ctx.env, f"[{ctx.name}] starting in {ctx.stage_dir}")
-    extra = fn(ctx) or {}
+    extra = stage.run(ctx) or {}
     if collective:
         ctx.env.barrier()
     if not ctx.env.is_main:
         return
-    mark_complete(ctx.stage_dir, ctx.name, ctx.parent_dir, ctx.stage_hash,
+    mark_complete(ctx.stage_dir, ctx.name, ctx.parent_dir, ctx.stage_hash, identity=identity,
                   seconds=round(time.perf_counter() - started, 2), world_size=ctx.env.world_size, **extra)
     if not ctx.cfg.checkpoint.keep_after_stage:
         shutil.rmtree(checkpoint_root(ctx.stage_dir), ignore_errors=True)

@@ -13,7 +13,10 @@ from omegaconf import DictConfig
 
 from factory.config import (CONFIG_DIR, ConfigError, check_recipe_overrides, register_configs,
                             register_resolvers, resolved_yaml, to_typed)
+from factory.checkpoint.state import ResumeRefused
 from factory.config.validate import check_pipeline_dir, validate_inputs, validate_static
+from factory.pipeline import run_pipeline
+from factory.train.checkpointing import Preempted
 
 EXIT_BAD_INPUT = 2
 
@@ -25,16 +28,11 @@ def _fail(err: ConfigError) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="prime", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from factory.checkpoint.callback import Preempted
-    from factory.checkpoint.state import ResumeRefused
-
     try:
         typed = to_typed(cfg)
         validate_static(typed)
         validate_inputs(typed)
         check_pipeline_dir(typed)
-        from factory.pipeline import run_pipeline
-
         run_pipeline(typed, resolved_yaml(cfg))
     except (ConfigError, ResumeRefused) as err:
         _fail(err)

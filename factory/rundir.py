@@ -1,9 +1,10 @@
 """The run-directory contract.
 
-A pipeline directory holds ``pipeline.yaml`` (the resolved config), ``pipeline.json`` (its
-hash and the stage list) and one directory per stage, ``NN-<stage>/``. A stage directory
-describes itself in ``stage.json``: stage name, parent stage directory, the hash of the
-config that made it, tokens and steps, and ``complete``. ``stage.json`` with
+A pipeline directory holds ``pipeline.yaml`` (the resolved config of the latest run),
+``pipeline.json`` (its hash and the stage list) and one directory per stage, ``NN-<stage>/``.
+A stage directory describes itself in ``stage.json``: stage name, parent stage directory, its
+identity (the settings it read and its parent's hash: ``factory.stages.identity``) and that
+identity's hash (``config_hash``), tokens and steps, and ``complete``. ``stage.json`` with
 ``complete: true`` is written last, atomically, so a directory is complete or it is not.
 The next stage reads only its parent's directory.
 """
@@ -45,7 +46,8 @@ def config_hash(config: Any) -> str:
 
 
 def pipeline_identity(cfg) -> dict:
-    """What must match for a rerun to reuse a pipeline directory: everything but run-control fields."""
+    """The config without run-control fields, hashed into pipeline.json as a record (stages are reused by
+    their own identity, not by this)."""
     data = dataclasses.asdict(cfg)
     for key in ("on_existing", "threads", "logger", "checkpoint"):
         data.pop(key, None)
@@ -58,10 +60,6 @@ class PipelineDir:
 
     def stage_dir(self, index: int, stage: str) -> Path:
         return self.root / f"{index:02d}-{stage}"
-
-    def recorded_hash(self) -> str | None:
-        path = self.root / PIPELINE_JSON
-        return read_json(path)["config_hash"] if path.exists() else None
 
     def exists(self) -> bool:
         return self.root.exists() and any(self.root.iterdir())

@@ -64,8 +64,8 @@ def make_tiny_assets(root: Path, vocab_size: int = 384, num_layers: int = 4) -> 
 
 def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init", "align"), steps: int = 6,
                          **overrides):
-    from factory.config.schema import (CheckpointConfig, DataConfig, EvalConfig, LongContextConfig, ModelConfig,
-                                       PrimeConfig, TrainStageConfig)
+    from factory.config.schema import (AlignConfig, CheckpointConfig, DataConfig, EvalConfig, LongContextConfig,
+                                       ModelConfig, PrimeConfig, TrainStageConfig)
 
     train = dict(steps=steps, batch_size=2, log_every=1, plot=False)
     cfg = PrimeConfig(
@@ -73,9 +73,9 @@ def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init
         model=ModelConfig(path=str(assets["teacher"])),
         data=DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=64,
                         chat_files=[str(assets["chat"])], chat_heldout_files=[str(assets["chat_heldout"])]),
-        align=TrainStageConfig(loss="layerwise", **train), distill=TrainStageConfig(**train),
-        sft=TrainStageConfig(loss="ce", trainable="all", **train),
-        longctx=LongContextConfig(loss="ce", trainable="gdn+norms+attention", seq_len=128, rope_theta=20000.0,
+        align=AlignConfig(loss="layerwise", **train), distill=TrainStageConfig(**train),
+        sft=TrainStageConfig(trainable="all", **train),
+        longctx=LongContextConfig(trainable="gdn+norms+attention", seq_len=128, rope_theta=20000.0,
                                   max_position_embeddings=4096, data_files=[str(assets["long"])], **train),
         eval=EvalConfig(heldout_rows=4, retrieval_distances=[16], retrieval_samples=2, batch_size=2,
                         chat_prompts=3, chat_max_new_tokens=4),

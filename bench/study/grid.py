@@ -81,7 +81,7 @@ def arm_config(arm: Arm, budget: Budget, out_root: Path, extra: list[str] = ()):
     config groups Hydra would add (model/data/logger=tiny/none) equal the schema defaults."""
     from omegaconf import OmegaConf
 
-    from factory.config import RECIPE_DIR, register_resolvers, to_typed
+    from factory.config import recipe_values, register_resolvers, to_typed
     from factory.config.schema import PrimeConfig
     from factory.config.validate import validate_inputs, validate_static
 
@@ -91,7 +91,7 @@ def arm_config(arm: Arm, budget: Budget, out_root: Path, extra: list[str] = ()):
                  f"seed={arm.seed}", "threads=1",
                  f"output_dir={out_root / arm.name}", "on_existing=overwrite", f"data.cache_dir={out_root / '.cache'}",
                  "checkpoint.every_minutes=0", "align.plot=false", "distill.plot=false", *arm.overrides, *extra]
-    merged = OmegaConf.merge(OmegaConf.structured(PrimeConfig), OmegaConf.load(RECIPE_DIR / f"{arm.recipe()}.yaml"),
+    merged = OmegaConf.merge(OmegaConf.structured(PrimeConfig), recipe_values(arm.recipe()),
                              OmegaConf.from_dotlist(overrides))
     cfg = to_typed(merged)
     validate_static(cfg)
@@ -103,8 +103,8 @@ def recipe_config(arm: Arm):
     """The arm's recipe exactly as shipped (its step counts), for the selection's share of priming."""
     from omegaconf import OmegaConf
 
-    from factory.config import RECIPE_DIR, register_resolvers, to_typed
+    from factory.config import recipe_values, register_resolvers, to_typed
     from factory.config.schema import PrimeConfig
 
     register_resolvers()
-    return to_typed(OmegaConf.merge(OmegaConf.structured(PrimeConfig), OmegaConf.load(RECIPE_DIR / f"{arm.recipe()}.yaml")))
+    return to_typed(OmegaConf.merge(OmegaConf.structured(PrimeConfig), recipe_values(arm.recipe())))

@@ -1,20 +1,15 @@
-"""The ``export`` stage: a Hugging Face directory that loads and serves without this package."""
+"""Export pieces: the model card, the lineage of stage records, weights streamed file by file in a
+new dtype. The ``export`` stage (``factory.stages.export``) puts them together."""
 
 from __future__ import annotations
 
 import json
-import shutil
-from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
-from factory.checkpoint.shards import INDEX_NAME, ShardWriter, write_model_files
-from factory.models.hqwen3.remote_code import write_remote_code
-from factory.priming.init import student_config, student_key
+from factory.checkpoint.shards import INDEX_NAME, ShardWriter
 from factory.rundir import read_stage
-from factory.stage_context import StageContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,31 +80,3 @@ def stream_weights(source: Path, out: Path, dtype: torch.dtype, keep) -> int:
                     writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     writer.close()
     return len(writer.written)
-
-
-def run_export(ctx: StageContext) -> dict:
-    """The parent's student, streamed file by file into a self-contained HF directory in the export dtype."""
-    from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
-
-    source, out = ctx.parent_model_dir, ctx.out_model_dir
-    shutil.rmtree(out, ignore_errors=True)
-    config = HQwen3Config.from_pretrained(source)
-    keep = partial(student_key, config) if config.keep_teacher_attention else (lambda key: True)
-    config = student_config(config) if config.keep_teacher_attention else config
-    dtype = DTYPES[ctx.cfg.export.dtype]
-    tensors = stream_weights(source, out, dtype, keep)
-    with torch.device("meta"):  # for the files beside the weights; no memory
-        model = HQwen3ForCausalLM(config)
-    write_model_files(model, out, dtype)
-    write_remote_code(out)
-    ctx.tokenizer.save_pretrained(out)
-    generation = GenerationConfig.from_model_config(config)
-    generation.eos_token_id = ctx.tokenizer.eos_token_id
-    generation.pad_token_id = ctx.tokenizer.pad_token_id or ctx.tokenizer.eos_token_id
-    generation.save_pretrained(out)
-    stages = lineage(ctx.parent_dir)
-    (out / "README.md").write_text(model_card(config, stages, ctx.cfg.model.path, ctx.cfg.recipe))
-    (out / "priming.json").write_text(json.dumps({"recipe": ctx.cfg.recipe, "teacher": ctx.cfg.model.path,
-                                                  "stages": stages}, indent=2, default=str) + "\n")
-    print(f"[export] {out}")
-    return {"export_dir": str(out), "tokens": 0, "tensors": tensors}

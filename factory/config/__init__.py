@@ -22,7 +22,7 @@ RECIPE_DIR = FACTORY_ROOT / "recipes"
 PRIMARY = "prime"
 
 __all__ = ["CONFIG_DIR", "RECIPE_DIR", "FACTORY_ROOT", "ConfigError", "PrimeConfig", "available_recipes",
-           "check_recipe_overrides", "compose", "register_configs", "register_resolvers", "resolved_yaml",
+           "check_recipe_overrides", "compose", "recipe_values", "register_configs", "register_resolvers", "resolved_yaml",
            "to_typed"]
 
 
@@ -32,11 +32,22 @@ def register_resolvers() -> None:
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    """Recipe names; files starting with ``_`` are shared parts (``_base``), not recipes."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def recipe_values(name: str) -> DictConfig:
+    """A recipe's values with the shared parts its ``defaults`` name (``_base``) merged under them, in
+    plain OmegaConf (for tools that compose without Hydra). Group overrides in ``defaults`` are not
+    applied here."""
+    node = OmegaConf.load(RECIPE_DIR / f"{name}.yaml")
+    parts = [recipe_values(entry) for entry in node.pop("defaults", []) if isinstance(entry, str)]
+    return OmegaConf.merge(*parts, node) if parts else node
 
 
 def register_configs() -> None:
-    """The schema, and each recipes/*.yaml as group ``recipe`` (Hydra only searches ``recipe/``)."""
+    """The schema, and each recipes/*.yaml as group ``recipe`` (Hydra only searches ``recipe/``), the
+    shared ``_base`` too so that a recipe's ``defaults: [_base]`` finds it."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()

@@ -79,22 +79,35 @@ class OptimConfig:
 
 
 @dataclass
-class TrainStageConfig:
-    """Shared by the training stages; they differ in loss, trainable set and data."""
+class TrainingConfig:
+    """What every training stage has: its length, rows, optimizer and reporting."""
 
     steps: int = 100
     batch_size: int = 8  # rows per optimizer step (per data-parallel rank)
     grad_accum: int = 1
     seq_len: Optional[int] = None  # default: data.seq_len
-    trainable: str = "gdn"  # gdn | gdn+norms | all
-    loss: str = "kl"  # align: layerwise | pre_lm_head; distill: kl
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    loss_tile_tokens: int = 1024  # sequence tile of the logit loss
     activation_checkpointing: bool = False  # each decoder layer keeps only its input (align: the GDN branch)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 10
     plot: bool = True
+
+
+@dataclass
+class AlignConfig(TrainingConfig):
+    """Stage 1: GDN parameters alone train (no trainable-set choice), matched to the attention."""
+
+    loss: str = "layerwise"  # layerwise | pre_lm_head
+
+
+@dataclass
+class TrainStageConfig(TrainingConfig):
+    """distill, longctx and sft: a trainable set and a logit loss (distill: forward KL; longctx and
+    sft: next-token loss)."""
+
+    trainable: str = "gdn"  # gdn | gdn+norms | gdn+norms+attention | all
+    temperature: float = 1.0  # distill
+    ce_weight: float = 0.0  # distill: share of next-token loss mixed into the KL
+    loss_tile_tokens: int = 1024  # sequence tile of the logit loss
 
 
 @dataclass
@@ -149,13 +162,6 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class LauncherConfig:
-    kind: str = "local"  # local | torchrun | slurm
-    nnodes: int = 1
-    nproc_per_node: int = 1
-
-
-@dataclass
 class CheckpointConfig:
     """Mid-stage checkpoints (every N steps, every M minutes, and on SIGTERM/SIGUSR1)."""
 
@@ -180,14 +186,12 @@ class PrimeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    align: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(loss="layerwise"))
+    align: AlignConfig = field(default_factory=AlignConfig)
     distill: TrainStageConfig = field(default_factory=TrainStageConfig)
-    longctx: LongContextConfig = field(default_factory=lambda: LongContextConfig(
-        trainable="gdn+norms+attention", loss="ce"))
-    sft: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(trainable="all", loss="ce"))
+    longctx: LongContextConfig = field(default_factory=lambda: LongContextConfig(trainable="gdn+norms+attention"))
+    sft: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(trainable="all"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from factory.config.schema import STAGES, TRAIN_STAGES, PrimeConfig
-from factory.rundir import PIPELINE_JSON, PipelineDir, config_hash, pipeline_identity
+from factory.rundir import PIPELINE_JSON
 
 # The accepted values, in one place (new selection methods, losses, ... are added here).
 SELECT_METHODS = ("manual", "alternate", "swa_proxy", "gdn_proxy", "kl_trained")
@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 TRAINABLE = ("gdn", "gdn+norms", "gdn+norms+attention", "all")
-STAGE_LOSSES = {"align": ("layerwise", "pre_lm_head"), "distill": ("kl",), "longctx": ("ce",), "sft": ("ce",)}
+ALIGN_LOSSES = ("layerwise", "pre_lm_head")
 SCHEDULES = ("cosine", "constant")
 GATE_INITS = ("published", "random")
 QK_NORMS = ("drop", "scale")
@@ -30,7 +30,6 @@ CONV_INITS = ("default", "identity")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 LOGGER_KINDS = ("none", "wandb")
 LOGGER_MODES = ("offline", "online")
-LAUNCHER_KINDS = ("local", "torchrun", "slurm")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -72,7 +71,6 @@ def validate_static(cfg: PrimeConfig) -> None:
     _choice("export.dtype", cfg.export.dtype, EXPORT_DTYPES)
     _choice("logger.kind", cfg.logger.kind, LOGGER_KINDS)
     _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
-    _choice("launcher.kind", cfg.launcher.kind, LAUNCHER_KINDS)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; accepted: 0, 1, 2, 3")
     _check_long_context(cfg)
@@ -139,12 +137,14 @@ def _check_layer_indices(layers: list[int], num_layers: Optional[int]) -> None:
 
 
 def _check_train_stage(stage: str, tcfg) -> None:
-    _choice(f"{stage}.trainable", tcfg.trainable, TRAINABLE)
-    if stage in STAGE_LOSSES:
-        _choice(f"{stage}.loss", tcfg.loss, STAGE_LOSSES[stage])
+    if stage == "align":
+        _choice("align.loss", tcfg.loss, ALIGN_LOSSES)
+    else:
+        _choice(f"{stage}.trainable", tcfg.trainable, TRAINABLE)
     _choice(f"{stage}.optim.schedule", tcfg.optim.schedule, SCHEDULES)
     for key in ("steps", "batch_size", "grad_accum", "seq_len", "temperature", "loss_tile_tokens"):
-        _positive(f"{stage}.{key}", getattr(tcfg, key))
+        if hasattr(tcfg, key):
+            _positive(f"{stage}.{key}", getattr(tcfg, key))
     _positive(f"{stage}.optim.lr", tcfg.optim.lr)
     if tcfg.optim.warmup_steps < 0:
         raise ConfigError(f"{stage}.optim.warmup_steps={tcfg.optim.warmup_steps} must be >= 0")
@@ -273,7 +273,8 @@ def _has_text_record(path: Path, text_field: str) -> bool:
 
 
 def check_pipeline_dir(cfg: PrimeConfig) -> None:
-    """Refuse to resume a directory made with another config, and never adopt a foreign directory."""
+    """Never adopt a foreign directory. A pipeline directory made with other settings is fine: each stage
+    reruns or is reused by its own identity (factory.pipeline)."""
     root = Path(cfg.output_dir)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir '{cfg.output_dir}' is a file; accepted: a new or pipeline directory")
@@ -282,11 +283,3 @@ def check_pipeline_dir(cfg: PrimeConfig) -> None:
     if not (root / PIPELINE_JSON).is_file():
         raise ConfigError(f"output_dir '{cfg.output_dir}' exists and is not a pipeline directory "
                           f"(no {PIPELINE_JSON}); accepted: a new or empty output_dir")
-    try:
-        recorded = PipelineDir(root).recorded_hash()
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = "unreadable"
-    current = config_hash(pipeline_identity(cfg))
-    if recorded != current and cfg.on_existing != "overwrite":
-        raise ConfigError(f"output_dir '{cfg.output_dir}' holds a pipeline made with a different config "
-                          f"(hash {recorded}, now {current}); rerun with on_existing=overwrite or a new output_dir")

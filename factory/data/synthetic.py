@@ -12,9 +12,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 TokenCounter = Callable[[str], int]
+
+# The held-out play of the embedded corpus: the tiny teacher never trained on it.
+DEFAULT_FILLER = Path(__file__).resolve().parents[2] / "assets" / "corpus" / "tempest.txt"
 
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 _SYLLABLE_C = "bdfgklmnprstvz"
@@ -220,3 +224,10 @@ def training_document(rng: random.Random, filler: Filler, kind: str, length: int
     if kind not in _MAKERS:
         raise ValueError(f"unknown document kind {kind!r}: expected one of {KINDS}")
     return _MAKERS[kind](rng, filler, length, max_distance)
+
+
+def encode_sample(tokenizer, sample: Sample) -> tuple[list[int], int]:
+    """Token ids of prompt + answer and the number of answer tokens."""
+    prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(sample.answer, add_special_tokens=False)["input_ids"]
+    return prompt + answer, len(answer)

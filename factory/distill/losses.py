@@ -12,15 +12,23 @@ import torch.nn.functional as F
 from factory.data.packing import IGNORE_INDEX
 
 
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+               log_probs: bool = False) -> torch.Tensor:
+    """Forward KL(teacher || student) summed over positions (rows of ``[N, V]``), in fp32: the one KL
+    of the project (distillation, selection scoring, evaluation). Takes logits, or log-probabilities
+    with ``log_probs`` (a caller that also needs them for next-token loss computes them once)."""
+    if not log_probs:
+        student = F.log_softmax(student.float() / temperature, dim=-1)
+        teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum()
+
+
 def _kl_tile(h_s, h_t, w_s, w_t, labels, temperature: float, ce_weight: float) -> torch.Tensor:
     s = (h_s @ w_s.t()).float()
     if h_t is None:  # next-token loss alone
         return F.cross_entropy(s, labels, reduction="sum")
-    t = (h_t @ w_t.t()).float()
-    logp_s = F.log_softmax(s / temperature, dim=-1)
-    logp_t = F.log_softmax(t / temperature, dim=-1)
-    # forward KL(teacher || student), scaled by T^2 so gradients keep their size across temperatures
-    loss = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature**2
+    # scaled by T^2 so gradients keep their size across temperatures
+    loss = forward_kl(s, h_t @ w_t.t(), temperature) * temperature**2
     if ce_weight:
         loss = (1 - ce_weight) * loss + ce_weight * F.cross_entropy(s, labels, reduction="sum")
     return loss

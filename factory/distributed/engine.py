@@ -1,4 +1,5 @@
-"""DeepSpeed engines behind the loop's engine seam (see ``factory.train.engine.LocalEngine``)."""
+"""DeepSpeed engines behind the training loop's engine seam (the same methods as ``LocalEngine`` in
+``factory.train.engine``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from factory.config.schema import DeepSpeedConfig, TrainStageConfig
+from factory.config.schema import DeepSpeedConfig, TrainingConfig
 from factory.distributed.env import DistEnv
 from factory.distributed.zero import zero_config
-from factory.train.engine import lr_multiplier, param_groups
+from factory.optim import lr_multiplier, param_groups
 
 ENGINE_TAG = "engine"  # DeepSpeed's own files live in <checkpoint>/engine/
 
@@ -21,7 +22,7 @@ class DeepSpeedTrainEngine:
     """ZeRO engine with our AdamW and schedule. DeepSpeed averages gradients over ranks,
     accumulates over micro-batches and steps the scheduler at each accumulation boundary."""
 
-    def __init__(self, model, named_params, stage: TrainStageConfig, ds: DeepSpeedConfig, precision: str,
+    def __init__(self, model, named_params, stage: TrainingConfig, ds: DeepSpeedConfig, precision: str,
                  env: DistEnv, load_universal: bool = False):
         import deepspeed
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from factory.models.hqwen3.modeling_hqwen3 import cu_seqlens_from_position_ids
+
 ATTENTION_NAME = "factory_ulysses"
 GDN_MODES = ("head_parallel", "allgather")
 
@@ -117,8 +119,6 @@ class RowLayout:
 
 def row_layout(positions: torch.Tensor) -> RowLayout:
     """Layout of ``[B, T]`` rows from their ``position_ids`` (a restart begins a document)."""
-    from factory.models.hqwen3.modeling_hqwen3 import cu_seqlens_from_position_ids
-
     B, T = positions.shape
     cu_seqlens = cu_seqlens_from_position_ids(positions)
     bounds = cu_seqlens.tolist()  # one host sync per step; the per-document loop needs ints

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.data.packing import IGNORE_INDEX, PackedRows
+from factory.distill.losses import forward_kl
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def heldout_metrics(teacher, student, rows: PackedRows, max_rows: int, batch_siz
         y = labels[valid]
         sums["teacher_loss"] += float(F.nll_loss(logp_t, y, reduction="sum"))
         sums["student_loss"] += float(F.nll_loss(logp_s, y, reduction="sum"))
-        sums["kl"] += float((logp_t.exp() * (logp_t - logp_s)).sum())
+        sums["kl"] += float(forward_kl(logp_s, logp_t, log_probs=True))
         count += int(valid.sum())
     return {k: v / max(1, count) for k, v in sums.items()} | {"heldout_tokens": count}
 

@@ -10,14 +10,13 @@ real tokens never see the padding, so no attention mask is needed and recurrent
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from factory.data.synthetic import Filler, Sample, make_samples, token_counter
+from factory.data.synthetic import DEFAULT_FILLER, Filler, Sample, encode_sample, make_samples, token_counter
 
-DEFAULT_FILLER = Path(__file__).resolve().parents[2] / "assets" / "corpus" / "tempest.txt"
+__all__ = ["DEFAULT_FILLER", "TASKS", "encode_sample", "retrieval_accuracy", "score_samples"]
 TASKS = ("kv", "passkey")
 
 
@@ -46,13 +45,6 @@ def retrieval_accuracy(model, tokenizer, distances: Iterable[int], samples_per_d
             hits = score_samples(model, tokenizer, samples, device, max_batch_tokens)
             result[task][distance] = sum(hits) / len(hits)
     return result
-
-
-def encode_sample(tokenizer, sample: Sample) -> tuple[list[int], int]:
-    """Token ids of prompt + answer and the number of answer tokens."""
-    prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
-    answer = tokenizer(sample.answer, add_special_tokens=False)["input_ids"]
-    return prompt + answer, len(answer)
 
 
 @torch.no_grad()

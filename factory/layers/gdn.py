@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.ops.gated_delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from factory.ops.gated_delta_rule.fla_backend import fla_gated_rms_norm
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,6 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.fused_on_cuda:
-            from factory.ops.gated_delta_rule.fla_backend import fla_gated_rms_norm
-
             return fla_gated_rms_norm(x, gate, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -14,6 +14,8 @@ import torch
 
 from factory.config.schema import InitConfig
 from factory.layers.gdn import GatedDeltaNet
+from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
+from factory.models.hqwen3.student import init_groups, saved_names
 
 
 def gdn_config_kwargs(teacher_config, layer_types: list[str], init: InitConfig, keep_teacher_attention: bool) -> dict:
@@ -72,16 +74,7 @@ def init_gdn_from_attention(gdn: GatedDeltaNet, attn, init: InitConfig, generato
 
 
 def hybrid_config(teacher_config, layer_types: list[str], init: InitConfig, keep_teacher_attention: bool):
-    from factory.models.hqwen3 import HQwen3Config
-
     return HQwen3Config(**gdn_config_kwargs(teacher_config, layer_types, init, keep_teacher_attention))
-
-
-def init_groups(config) -> list[str]:
-    """The submodules initialization visits one at a time, by name (the same in teacher and hybrid).
-    A tied LM head is the embedding and is not visited twice."""
-    groups = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(config.num_hidden_layers)), "model.norm"]
-    return groups if config.tie_word_embeddings else [*groups, "lm_head"]
 
 
 @torch.no_grad()
@@ -104,21 +97,9 @@ def init_group(name: str, hybrid_part: torch.nn.Module, teacher_part: torch.nn.M
     return [f"{name}.{k}" for k in ours]
 
 
-def saved_names(model) -> set[str]:
-    """State-dict names a checkpoint holds: a tied weight is stored once, under its first name."""
-    seen, names = set(), set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            names.add(key)
-    return names
-
-
 def build_hybrid_from_teacher(teacher, layer_types: list[str], init: InitConfig, seed: int,
                               keep_teacher_attention: bool = True):
     """A new HQwen3ForCausalLM holding the teacher's weights, with GDN initialized in converted layers."""
-    from factory.models.hqwen3 import HQwen3ForCausalLM
-
     config = hybrid_config(teacher.config, layer_types, init, keep_teacher_attention)
     torch.manual_seed(seed)  # construction's draws are all overwritten; kept for callers' global RNG state
     hybrid = HQwen3ForCausalLM(config).to(next(teacher.parameters()).dtype)
@@ -128,32 +109,3 @@ def build_hybrid_from_teacher(teacher, layer_types: list[str], init: InitConfig,
     if set(written) != saved_names(hybrid) or len(written) != len(set(written)):
         raise RuntimeError(f"initialization missed {sorted(saved_names(hybrid) - set(written))[:4]}")
     return hybrid
-
-
-def student_key(config, key: str) -> bool:
-    """Whether a hybrid's state-dict name belongs to its student: converted layers' kept teacher
-    attention (``model.layers.<i>.self_attn.*``) does not."""
-    parts = key.split(".")
-    if len(parts) <= 3 or parts[1] != "layers" or not parts[2].isdigit() or parts[3] != "self_attn":
-        return True
-    return int(parts[2]) not in config.linear_layers
-
-
-def student_config(config):
-    """The config of the student alone (no kept teacher attention)."""
-    from factory.models.hqwen3 import HQwen3Config
-
-    data = config.to_dict()
-    data.pop("auto_map", None)
-    data.update(keep_teacher_attention=False)
-    return HQwen3Config(**data)
-
-
-def drop_teacher_attention(config, state: dict):
-    """The student alone, from a hybrid's config and full state dict: converted layers lose
-    their kept attention (after alignment)."""
-    from factory.models.hqwen3 import HQwen3ForCausalLM
-
-    student = HQwen3ForCausalLM(student_config(config))
-    student.load_state_dict({k: v for k, v in state.items() if student_key(config, k)})
-    return student.to(next(iter(state.values())).dtype)

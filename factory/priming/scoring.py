@@ -32,8 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from factory.config.schema import DataConfig, InitConfig, SelectConfig
+from factory.config.schema import DataConfig, InitConfig, OptimConfig, SelectConfig
 from factory.data.packing import IGNORE_INDEX, packed_rows
+from factory.distill.losses import forward_kl, tiled_kl_loss
+from factory.data.synthetic import DEFAULT_FILLER, Filler, encode_sample, make_samples, token_counter
+from factory.models.hqwen3 import HQwen3ForCausalLM
+from factory.priming.init import build_hybrid_from_teacher, hybrid_config, init_gdn_from_attention, layer_generator
+from factory.train.engine import LocalEngine
+from factory.train.loop import train_loop
 
 FLOPS_FORMULA = ("FLOPs = 2*N*forward_tokens + 4*N*backward_tokens, N = teacher parameters (embeddings included); "
                  "a pass that replays layers below i counts (L-i)/L of a forward")
@@ -120,9 +126,6 @@ def _text_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int, min_dista
 
 def _answer_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int) -> CalibrationPart:
     """Retrieval samples (half kv, half passkey) whose fact is beyond the window, answers scored."""
-    from factory.data.synthetic import Filler, make_samples, token_counter
-    from factory.eval.retrieval import DEFAULT_FILLER, encode_sample
-
     tok = inputs.tokenizer
     filler = Filler(DEFAULT_FILLER.read_text(), token_counter(tok))
     # Room for the prefix (<= 64 tokens), the fact and the question within seq_len; beyond the
@@ -248,7 +251,7 @@ def damage(model, teacher, parts: list[CalibrationPart], rec: Recording, metric:
 def _position_damage(logits_s, logits_t, labels, metric: str) -> float:
     logp_s, logp_t = F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1)
     if metric == "kl":
-        return float((logp_t.exp() * (logp_t - logp_s)).sum())
+        return float(forward_kl(logp_s, logp_t, log_probs=True))
     return float(F.nll_loss(logp_s, labels, reduction="sum") - F.nll_loss(logp_t, labels, reduction="sum"))
 
 
@@ -302,8 +305,6 @@ def replace_layer(probe, layer: int, kind: str, window: int) -> Callable[[], Non
 @torch.no_grad()
 def _materialize_gdn(probe, layer: int) -> None:
     """The layer's GDN, initialized from its attention exactly as the init stage will do it."""
-    from factory.priming.init import init_gdn_from_attention, layer_generator
-
     decoder = probe.model.layers[layer]
     weight = decoder.self_attn.q_proj.weight
     decoder.linear_attn.to_empty(device=weight.device).to(weight.dtype)
@@ -315,9 +316,6 @@ def build_probe(teacher, kind: str, init: InitConfig, seed: int):
     """The teacher's network in which every layer can be switched to its replacement. It holds the
     teacher's own tensors, not a copy; a layer's GDN exists only while that layer is replaced, so
     scoring costs one GDN layer of memory beyond the teacher (a 32B teacher is 65 GB in bf16)."""
-    from factory.models.hqwen3 import HQwen3ForCausalLM
-    from factory.priming.init import hybrid_config
-
     n = teacher.config.num_hidden_layers
     types = ["linear_attention" if kind == "gdn" else "full_attention"] * n
     with torch.device("meta"):
@@ -386,53 +384,46 @@ def _with_final(current: Recording, reference: Recording) -> Recording:
 # ------------------------------------------------------------------ kl_trained
 
 
-def _kl_tile(h_s, h_t, head_s, head_t):
-    logp_s = F.log_softmax(head_s(h_s).float(), -1)
-    with torch.no_grad():
-        logp_t = F.log_softmax(head_t(h_t).float(), -1)
-    return (logp_t.exp() * (logp_t - logp_s)).sum()
+class _CandidateRows:
+    """The rows a candidate trains on, in one seeded order (the same for every candidate layer)."""
 
+    def __init__(self, rows, batch_size: int, seed: int):
+        self.rows, self.batch_size, self.step = rows, batch_size, 0
+        self.order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
 
-def _kl_from_hidden(h_s, h_t, head_s, head_t, labels, tile: int = 1024) -> torch.Tensor:
-    """Mean forward KL over labelled positions; logits live one tile at a time (recomputed in backward)."""
-    from torch.utils.checkpoint import checkpoint
-
-    valid = labels != IGNORE_INDEX
-    h_s, h_t = h_s[valid], h_t[valid].detach()
-    total = sum(checkpoint(_kl_tile, h_s[i:i + tile], h_t[i:i + tile], head_s, head_t, use_reentrant=False)
-                for i in range(0, h_s.shape[0], tile))
-    return total / max(1, h_s.shape[0])
+    def next_batch(self) -> dict:
+        index = self.order[(torch.arange(self.batch_size) + self.step * self.batch_size) % len(self.rows)]
+        self.step += 1
+        return self.rows.batch(index)
 
 
 def _train_one_layer(teacher, layer: int, cfg: SelectConfig, inputs: ScoringInputs, rows, compute: Compute):
-    """A hybrid with only ``layer`` converted, GDN distilled for ``cfg.trained_steps`` steps."""
-    from factory.priming.init import build_hybrid_from_teacher
-
+    """A hybrid with only ``layer`` converted, GDN distilled for ``cfg.trained_steps`` steps through the
+    training stages' loop and engine (AdamW, constant LR, clipped at 1) and their tiled forward KL."""
     n = teacher.config.num_hidden_layers
     types = ["linear_attention" if i == layer else "full_attention" for i in range(n)]
     model = build_hybrid_from_teacher(teacher, types, inputs.init, inputs.seed, keep_teacher_attention=False)
     model = model.to(inputs.device).requires_grad_(False)
-    params = list(model.model.layers[layer].linear_attn.parameters())
-    for p in params:
+    named = list(model.model.layers[layer].linear_attn.named_parameters())
+    for _, p in named:
         p.requires_grad_(True)
-    optim = torch.optim.AdamW(params, lr=cfg.trained_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(inputs.seed))
-    model.train()
-    for step in range(cfg.trained_steps):
-        index = order[(torch.arange(cfg.trained_batch_size) + step * cfg.trained_batch_size) % len(rows)]
-        batch = {k: v.to(inputs.device) for k, v in rows.batch(index).items()}
+    optim = OptimConfig(lr=cfg.trained_lr, weight_decay=0.0, beta1=0.9, beta2=0.95, warmup_steps=0,
+                        schedule="constant", grad_clip=1.0)
+    engine = LocalEngine(model, named, optim, cfg.trained_steps, precision="fp32")
+
+    def kl(batch):
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with torch.no_grad():
             target = teacher.model(**kwargs).last_hidden_state
-        loss = _kl_from_hidden(model.model(**kwargs).last_hidden_state, target, model.lm_head, teacher.lm_head,
-                               batch["labels"])
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        hidden = model.model(**kwargs).last_hidden_state
         tokens = batch["input_ids"].numel()
         compute.forward_tokens += 2 * tokens  # teacher + student
         compute.backward_tokens += tokens
+        return tiled_kl_loss(hidden, target, model.lm_head.weight, teacher.lm_head.weight, batch["labels"]), {}
+
+    model.train()
+    train_loop(engine, _CandidateRows(rows, cfg.trained_batch_size, inputs.seed), kl, cfg.trained_steps, 1, [],
+               inputs.device)
     return model.eval().requires_grad_(False)
 
 

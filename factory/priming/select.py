@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from factory.config.schema import PrimeConfig, SelectConfig
+from factory.priming.scoring import FLOPS_FORMULA, METRICS, score_kl_trained, score_proxy
 
 SCORING_METHODS = {"swa_proxy": "swa", "gdn_proxy": "gdn", "kl_trained": "kl_trained"}
 
@@ -59,8 +60,6 @@ def alternate_layers(ratio: float, num_layers: int) -> list[int]:
 
 
 def check_scoring_config(cfg: SelectConfig) -> None:
-    from factory.priming.scoring import METRICS
-
     if cfg.metric not in METRICS:
         raise ValueError(f"select.metric={cfg.metric!r} is not accepted; accepted: {', '.join(METRICS)}")
     if cfg.window < 1 or not 0 <= cfg.answer_weight <= 1:
@@ -83,8 +82,6 @@ def select_layers(cfg: SelectConfig, num_layers: int, inputs=None) -> Selection:
 
 
 def _scored_selection(cfg: SelectConfig, num_layers: int, inputs, start: float) -> Selection:
-    from factory.priming.scoring import FLOPS_FORMULA, score_kl_trained, score_proxy
-
     check_scoring_config(cfg)
     n = num_gdn_layers(cfg.ratio, num_layers)
     kind = SCORING_METHODS[cfg.method]
@@ -113,7 +110,6 @@ def priming_flops(cfg: PrimeConfig, params: int) -> float:
     for stage, per_token in STAGE_FLOPS_PER_TOKEN.items():
         if stage in cfg.stages:
             s = getattr(cfg, stage)
-            per_token += 2 if stage in ("longctx", "sft") and s.loss == "kl" else 0
             total += per_token * params * s.steps * s.batch_size * s.grad_accum * (s.seq_len or cfg.data.seq_len)
     return total
 

@@ -6,13 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from factory.train.loop import StepState
 
 
 class ProgressBar:
     def __init__(self, stage: str, total_steps: int, start_step: int = 0):
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, file=sys.stderr,
                         dynamic_ncols=True, mininterval=1.0, disable=None)
         self.start_tokens, self.start_elapsed = None, None

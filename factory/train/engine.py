@@ -4,29 +4,11 @@ optimizer itself, so a DeepSpeed engine can stand in for ``LocalEngine`` without
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from factory.config.schema import OptimConfig
-
-
-def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
-    """Linear warmup, then cosine down to ``min_lr_ratio`` or constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(named_params, weight_decay: float) -> list[dict]:
-    """No decay on biases, norms, and GDN's A_log / dt_bias."""
-    decay, no_decay = [], []
-    for _, p in named_params:
-        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from factory.optim import lr_multiplier, param_groups
 
 
 class LocalEngine:

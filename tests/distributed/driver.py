@@ -22,7 +22,7 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     kill_after = args.pop("kill_after_step", None)
     if kill_after is not None:
-        from factory.checkpoint import callback
+        from factory.train import checkpointing as callback
 
         original = callback.CheckpointCallback.save
 
@@ -49,7 +49,7 @@ def main() -> None:
     cfg = tiny_pipeline_config(**args)
     cfg.deepspeed = DeepSpeedConfig(enabled=True, zero_stage=3, reduce_bucket_size=10_000,
                                     prefetch_bucket_size=10_000, param_persistence_threshold=0)
-    from factory.checkpoint.callback import Preempted
+    from factory.train.checkpointing import Preempted
     from factory.pipeline import run_pipeline
 
     try:

@@ -94,7 +94,7 @@ def test_training_stage_saves_the_student_one_layer_at_a_time(runs):
     """align under ZeRO-3 writes its student through the same per-layer walk: sharded files, no kept
     teacher attention, the trained GDN weights, frozen weights as init left them."""
     from factory.models.hqwen3 import HQwen3ForCausalLM
-    from factory.priming.init import drop_teacher_attention
+    from factory.models.hqwen3.student import drop_teacher_attention
 
     sharded, _ = runs
     model_dir = sharded / "03-align" / "model"
@@ -119,8 +119,8 @@ def test_training_stage_saves_the_student_one_layer_at_a_time(runs):
 def test_sharded_eval_equals_whole_model_eval(runs, assets, tmp_path):
     """eval under ZeRO-3 (2 ranks, partitioned teacher, student and earlier stages' models, chat
     generation with synced ranks) gives what one process computes on the same models."""
-    from factory.eval.stage import run_eval
-    from factory.stage_context import StageContext
+    from factory.stages.eval import run_eval
+    from factory.stages.context import StageContext
 
     sharded, _ = runs
     cfg = tiny_pipeline_config(assets, tmp_path, stages=["select", "init", "align", "sft", "eval"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.checkpoint.callback import Preempted
+from factory.train.checkpointing import Preempted
 from factory.checkpoint.state import ResumeRefused, checkpoint_root
 from factory.pipeline import run_pipeline
 from tests.fixtures import make_tiny_assets, tiny_pipeline_config
@@ -36,7 +36,7 @@ def run_child_killed_after(cfg_kwargs: dict, kill_after_step: int, signum: int =
     """Run the pipeline in a child that kills itself right after saving the checkpoint of a step."""
     script = textwrap.dedent(f"""
         import os, signal
-        from factory.checkpoint import callback
+        from factory.train import checkpointing as callback
         from factory.pipeline import run_pipeline
         from tests.fixtures import tiny_pipeline_config
         original = callback.CheckpointCallback.save

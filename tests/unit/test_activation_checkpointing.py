@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from factory.layers import checkpoint as checkpoint_module
-from factory.train.activation_checkpointing import enable_activation_checkpointing
-from factory.train.stages import align_loss_fn, select_trainable
+from factory.distributed.activation_checkpointing import enable_activation_checkpointing
+from factory.stages.align import align_loss_fn
+from factory.train.trainable import select_trainable
 from tests.helpers import tiny_hybrid
 
 

@@ -74,7 +74,7 @@ def test_every_model_and_recipe_composes_and_validates(model, recipe):
     assert cfg.recipe == recipe
     assert cfg.stages == ["select", "init", "align", "distill", "longctx", "sft", "export", "eval"]
     assert cfg.select.ratio == int(recipe[4:6]) / 100
-    assert (cfg.align.loss, cfg.distill.loss) == ("layerwise", "kl")
+    assert cfg.align.loss == "layerwise"
     assert "${" not in yaml and f"recipe: {recipe}" in yaml
     expected = str(TEACHER) if model == "tiny" else f"Qwen/Qwen3-{model[6:].upper()}"
     assert cfg.model.path == expected
@@ -160,7 +160,6 @@ def test_ratio_outside_open_interval(ratio):
     ("precision=fp16", ["'fp16'", "bf16"]),
     ("device=tpu", ["'tpu'", "cuda"]),
     ("align.loss=kl", ["align.loss='kl'", "layerwise, pre_lm_head"]),
-    ("distill.loss=mse", ["distill.loss='mse'", "kl"]),
     ("distill.trainable=lora", ["'lora'", "gdn+norms"]),
     ("align.optim.schedule=linear", ["'linear'", "cosine, constant"]),
     ("logger=wandb", None),
@@ -249,8 +248,7 @@ def test_existing_pipeline_dir(inputs, tmp_path):
     PipelineDir(cfg.output_dir).initialize(cfg, yaml, overwrite=False)
     check_pipeline_dir(cfg)  # same config: resume
     changed, _ = compose([*inputs, "select.ratio=0.25"])
-    refused(check_pipeline_dir, changed, f"output_dir '{cfg.output_dir}'", "different config",
-            "on_existing=overwrite", "new output_dir")
+    check_pipeline_dir(changed)  # other settings: each stage reruns or is reused by its own identity
     overwrite, _ = compose([*inputs, "select.ratio=0.25", "on_existing=overwrite"])
     check_pipeline_dir(overwrite)
     threads, _ = compose([*inputs, "threads=1"])  # run control, not identity

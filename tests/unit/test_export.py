@@ -3,7 +3,7 @@
 import torch
 
 from factory.checkpoint.export import stream_weights
-from factory.priming.init import drop_teacher_attention, student_key
+from factory.models.hqwen3.student import drop_teacher_attention, student_key
 from tests.helpers import tiny_hybrid
 
 

@@ -147,7 +147,7 @@ def test_align_mode_runs_teacher_stream_and_records_pairs():
 
 
 def test_align_step_loss_releases_the_layers_pairs():
-    from factory.train.stages import align_loss_fn
+    from factory.stages.align import align_loss_fn
 
     model = tiny_hybrid(keep_teacher_attention=True)
     ids = torch.randint(0, 101, (2, 20))

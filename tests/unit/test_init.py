@@ -8,7 +8,8 @@ import json
 import torch
 
 from factory.config.schema import InitConfig
-from factory.priming.init import build_hybrid_from_teacher, init_groups, saved_names
+from factory.models.hqwen3.student import init_groups, saved_names
+from factory.priming.init import build_hybrid_from_teacher
 
 
 def tiny_teacher(tie: bool = False):

@@ -40,3 +40,14 @@ def test_tiled_mlp_equals_whole_row_mlp(monkeypatch):
 def test_tile_size_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         apply_tiled_mlp(tiny_hybrid(), tile_tokens=0)
+
+
+def test_parallelize_applies_tiled_mlps_then_checkpointing():
+    from factory.distributed.parallelize import parallelize
+
+    model = tiny_hybrid()
+    done = parallelize(model, tiled_mlp_tokens=7, activation_checkpointing=True)
+    layers = model.config.num_hidden_layers
+    assert (done.sp_degree, done.tiled_mlp_layers, done.checkpointed_layers) == (1, layers, layers)
+    assert all(layer.gradient_checkpointing and "tiled" in layer.mlp.forward.__func__.__name__
+               for layer in model.model.layers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from factory.ops.gated_delta_rule.fla_backend import fla_chunk, fla_conv, fla_recurrent
 from factory.ops.gated_delta_rule.naive import (
     gdn_beta, gdn_gate, l2norm, naive_causal_conv1d, naive_chunk_gated_delta_rule,
     naive_recurrent_gated_delta_rule, repeat_heads)
@@ -54,8 +55,6 @@ def chunk_gated_delta_rule(
     g, beta = _gate_and_beta(g, beta, A_log, dt_bias, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval)
     q, k, v = _expand_heads(q, k, v, g.shape[2])
     if q.is_cuda:
-        from factory.ops.gated_delta_rule.fla_backend import fla_chunk
-
         return fla_chunk(q, k, v, g, beta, scale, initial_state, output_final_state,
                          use_qk_l2norm_in_kernel, cu_seqlens, chunk_size)
     return naive_chunk_gated_delta_rule(
@@ -74,8 +73,6 @@ def recurrent_gated_delta_rule(
     g, beta = _gate_and_beta(g, beta, A_log, dt_bias, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval)
     q, k, v = _expand_heads(q, k, v, g.shape[2])
     if q.is_cuda:
-        from factory.ops.gated_delta_rule.fla_backend import fla_recurrent
-
         return fla_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
                              use_qk_l2norm_in_kernel, cu_seqlens)
     return naive_recurrent_gated_delta_rule(
@@ -89,7 +86,5 @@ def causal_conv1d(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Short depthwise causal conv, x ``[B,T,D]``, weight ``[D,W]``, state ``[N,D,W]``."""
     if x.is_cuda:
-        from factory.ops.gated_delta_rule.fla_backend import fla_conv
-
         return fla_conv(x, weight, initial_state, output_final_state, activation, cu_seqlens)
     return naive_causal_conv1d(x, weight, initial_state, output_final_state, activation, cu_seqlens)

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import contextlib
-
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factory.config.schema import PrimeConfig
+from factory.distributed.engine import forward_only, gathered_parameters, zero3_loading
 from factory.distributed.env import DistEnv
+from factory.models.hqwen3 import HQwen3ForCausalLM
 from factory.rundir import model_dir
 
-
-TRAINING_STAGES = ("align", "distill", "longctx", "sft")
-# Run on every rank only under ZeRO-3, where no rank may hold the whole model; on rank 0 otherwise.
-SHARDED_STAGES = ("init", "eval")
+# Which ranks run a stage: all (training), zero3 (every rank under ZeRO-3, where no rank may hold
+# the whole model; rank 0 otherwise), main (rank 0 alone).
+RANKS = ("all", "zero3", "main")
 
 
 @dataclass
@@ -30,11 +31,12 @@ class StageContext:
     precision: str  # fp32 | bf16
     stage_hash: str = ""
     env: DistEnv = DistEnv()
+    ranks: str = "main"  # the stage's ``Stage.ranks``
 
     @property
     def collective(self) -> bool:
         """Training stages run on every rank, and so do init and eval under ZeRO-3; the others on rank 0 alone."""
-        return self.name in TRAINING_STAGES or (self.name in SHARDED_STAGES and self._zero3_configured)
+        return self.ranks == "all" or (self.ranks == "zero3" and self._zero3_configured)
 
     @property
     def _zero3_configured(self) -> bool:
@@ -49,8 +51,6 @@ class StageContext:
         """Whole tensors of ZeRO-3 sharded parameters for the duration of the block (read only)."""
         if not self.zero3:
             return contextlib.nullcontext()
-        from factory.distributed.engine import gathered_parameters
-
         return gathered_parameters(params)
 
     def forward_only(self, model):
@@ -58,15 +58,11 @@ class StageContext:
         engine (whose hooks gather one layer at a time), released on exit."""
         if not self.zero3:
             return contextlib.nullcontext(model)
-        from factory.distributed.engine import forward_only
-
         return forward_only(model, self.cfg.deepspeed, self.precision)
 
     def sharded_loading(self):
         if not self.zero3:
             return contextlib.nullcontext()
-        from factory.distributed.engine import zero3_loading
-
         return zero3_loading(self.cfg.deepspeed, self.precision)
 
     @property
@@ -82,8 +78,6 @@ class StageContext:
 
     @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(self.cfg.model.path)
 
     @property
@@ -92,16 +86,12 @@ class StageContext:
 
     def load_teacher(self, dtype: torch.dtype = torch.float32):
         """The original model, frozen."""
-        from transformers import AutoModelForCausalLM
-
         with self.sharded_loading():
             model = AutoModelForCausalLM.from_pretrained(
                 self.cfg.model.path, dtype=dtype, attn_implementation=self.cfg.model.attn_implementation)
         return model.to(self.device).eval().requires_grad_(False)
 
     def load_hybrid(self, path: Path | None = None):
-        from factory.models.hqwen3 import HQwen3ForCausalLM
-
         with self.sharded_loading():
             model = HQwen3ForCausalLM.from_pretrained(
                 path or self.parent_model_dir, dtype=torch.float32,

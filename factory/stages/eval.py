@@ -1,4 +1,4 @@
-"""The ``eval`` stage and the end-of-pipeline summary (teacher vs primed hybrid)."""
+"""``eval``: the teacher against the primed hybrid (held-out loss and KL, recall by distance, chat)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 from factory.data.chat import read_conversations
 from factory.data.packing import packed_rows
 from factory.eval.chat import chat_agreement
-from factory.rundir import model_dir, read_stage
 from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
 from factory.eval.retrieval import retrieval_accuracy
-from factory.stage_context import StageContext
+from factory.rundir import model_dir, read_stage
+from factory.stages.base import DEEPSPEED, MODEL, RUN, Stage
+from factory.stages.context import StageContext
+from factory.stages.training import load_student
 
 
 def _retrieval(model, ctx: StageContext) -> dict:
@@ -58,8 +60,6 @@ def _before_sft(stage_dir: Path) -> Path | None:
 def run_eval(ctx: StageContext) -> dict:
     """Teacher against the primed hybrid. Under ZeRO-3 every rank takes part with partitioned models
     (the same inputs on each, so the same results) and rank 0 writes them."""
-    from factory.train.stages import load_student
-
     rows = packed_rows(ctx.cfg.data.heldout_files, ctx.tokenizer, ctx.cfg.data.seq_len, ctx.cfg.data.text_field,
                        ctx.cache_dir)
     with ctx.forward_only(ctx.load_teacher()) as teacher, ctx.forward_only(load_student(ctx).eval()) as student:
@@ -86,39 +86,7 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
     }
 
 
-def summary_table(result: dict, recipe: str) -> str:
-    h, init = result["heldout"], result.get("heldout_initialized_hybrid")
-    gap = 100 * (h["student_loss"] / h["teacher_loss"] - 1)
-    rows = [("held-out loss", f"{h['teacher_loss']:.4f}", f"{h['student_loss']:.4f} ({gap:+.1f}%)"),
-            ("KL(teacher || hybrid) / token", "0", f"{h['kl']:.4f}")]
-    if init:
-        rows.insert(1, ("held-out loss, hybrid before training", "", f"{init['student_loss']:.4f}"))
-    before_sft = result.get("heldout_before_sft")
-    if before_sft:
-        gap_before = 100 * (before_sft["student_loss"] / h["teacher_loss"] - 1)
-        rows.insert(1, ("held-out loss, primed before sft", "", f"{before_sft['student_loss']:.4f} ({gap_before:+.1f}%)"))
-        rows.insert(3 if init else 2, ("KL / token, primed before sft", "", f"{before_sft['kl']:.4f}"))
-    for task, by_distance in result["retrieval"]["teacher"].items():
-        for distance, acc in by_distance.items():
-            hybrid = result["retrieval"]["student"][task][distance]
-            rows.append((f"{task} retrieval @ {distance} tokens", f"{acc:.2f}", f"{hybrid:.2f}"))
-    if result.get("chat"):
-        chat = result["chat"]
-        rows.append((f"chat: greedy answer = teacher's ({chat['prompts']} prompts)", "", f"{chat['matches_teacher']:.2f}"))
-        rows.append(("chat: greedy answer = reference", "", f"{chat['matches_reference']:.2f}"))
-    kv = result["kv_cache_bytes_per_token"]
-    rows.append(("KV-cache bytes / token (bf16)", f"{kv['teacher']:,}", f"{kv['student']:,}"))
-    rows.append(("parameters", f"{result['parameters']['teacher']:,}", f"{result['parameters']['student']:,}"))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"# Primed hybrid vs teacher ({recipe}; GDN layers {result['gdn_layers']})", "",
-             f"| {'metric'.ljust(width)} | teacher | hybrid |", f"|{'-' * (width + 2)}|---|---|"]
-    lines += [f"| {name.ljust(width)} | {t} | {s} |" for name, t, s in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_summary(eval_dir: Path, pipeline_root: Path, recipe: str) -> str:
-    result = json.loads((Path(eval_dir) / "eval.json").read_text())
-    table = summary_table(result, recipe)
-    (pipeline_root / "summary.md").write_text(table)
-    (pipeline_root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    return table
+# ``stages``: chat agreement is measured when the pipeline instruction-tunes.
+STAGE = Stage("eval", run_eval, slice="eval",
+              shared=(*RUN, *MODEL, "data.heldout_files", "data.chat_heldout_files", "data.text_field",
+                      "data.seq_len", "stages", *DEEPSPEED), parent="init", ranks="zero3")

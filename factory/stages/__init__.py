@@ -1,0 +1,1 @@
+"""The pipeline's stages, one module each (select ... eval); ``registry.STAGES`` is their one list."""
