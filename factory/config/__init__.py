@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from factory.config.schema import PrimeConfig
-from factory.config.validate import ConfigError
+from factory.config.errors import ConfigError
+from factory.config.overrides import check_known_keys, expand_paths
 
 FACTORY_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = FACTORY_ROOT / "configs"
@@ -55,8 +56,11 @@ def check_recipe_overrides(overrides: list[str]) -> None:
 
 
 def to_typed(cfg: DictConfig) -> PrimeConfig:
-    """Resolve interpolations and build the dataclasses; a bad interpolation is a ConfigError."""
+    """Refuse keys the schema lacks, expand ``~`` in paths (in ``cfg`` too), resolve interpolations and
+    build the dataclasses; a bad key or interpolation is a ConfigError."""
     register_resolvers()
+    check_known_keys(cfg)
+    expand_paths(cfg)
     try:
         typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import sys
 from functools import partial
 
 import torch
@@ -21,7 +22,7 @@ from factory.distill.losses import alignment_mse, tiled_cross_entropy, tiled_kl_
 from factory.priming.init import drop_teacher_attention, student_config, student_key
 from factory.stage_context import StageContext
 from factory.train.activation_checkpointing import enable_activation_checkpointing
-from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
+from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, ProgressLog, WandbLogger, truncate_metrics
 from factory.train.engine import LocalEngine
 from factory.train.loop import StepState, train_loop
 
@@ -51,6 +52,8 @@ def _callbacks(ctx: StageContext, stage_cfg: TrainStageConfig, start_step: int):
         return []
     metrics = ctx.stage_dir / "metrics.jsonl"
     callbacks = [ProgressBar(ctx.name, stage_cfg.steps, start_step), MetricsLogger(metrics, stage_cfg.log_every)]
+    if not sys.stdout.isatty():  # a log file or pipe: the bar (a terminal's) is invisible there
+        callbacks.append(ProgressLog(ctx.name, stage_cfg.log_every))
     if stage_cfg.plot:
         callbacks.append(LossPlot(metrics, ctx.stage_dir / "loss.png", f"{ctx.cfg.recipe}: {ctx.name}"))
     if ctx.cfg.logger.kind == "wandb":
@@ -65,7 +68,8 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
     state = StepState(total_steps=total_steps)
     path = find_resumable(ctx.stage_dir)
     if path is None:
-        if ctx.env.is_main:
+        if ctx.env.is_main and (ctx.stage_dir / "metrics.jsonl").exists():
+            print(f"[{ctx.name}] an earlier attempt left no checkpoint: starting again at step 0", flush=True)
             truncate_metrics(ctx.stage_dir / "metrics.jsonl", 0)  # an earlier attempt that saved nothing
         return state
     trainer = load_trainer_state(path)
@@ -77,7 +81,8 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
     restore_rng(path, ctx.env.rank)
     if ctx.env.is_main:
         truncate_metrics(ctx.stage_dir / "metrics.jsonl", trainer.step)
-    print(f"[{ctx.name}] resumed from {path.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
+    print(f"[{ctx.name}] resumed from {path.name} (step {trainer.step} of {total_steps}, {trainer.tokens:,} tokens)",
+          flush=True)
     state.step, state.tokens, state.elapsed = trainer.step, trainer.tokens, trainer.elapsed
     return state
 
