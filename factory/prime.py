@@ -57,8 +57,8 @@ def _crashed(err: Exception, output_dir: Optional[str]) -> None:
     sys.exit(EXIT_FAILED)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="prime", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """Everything after composition: validate, run, and turn every way of stopping into one line."""
     from factory.checkpoint.callback import Preempted
     from factory.checkpoint.state import ResumeRefused
 
@@ -81,6 +81,9 @@ def _run(cfg: DictConfig) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback in a file
         _crashed(err, typed.output_dir if typed else None)
+
+
+_run = hydra.main(config_path=str(CONFIG_DIR), config_name="prime", version_base="1.3")(run)
 
 
 def _resolve_printed_config(argv: list[str]) -> list[str]:

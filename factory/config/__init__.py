@@ -23,8 +23,8 @@ RECIPE_DIR = FACTORY_ROOT / "recipes"
 PRIMARY = "prime"
 
 __all__ = ["CONFIG_DIR", "RECIPE_DIR", "FACTORY_ROOT", "ConfigError", "PrimeConfig", "available_recipes",
-           "check_recipe_overrides", "compose", "register_configs", "register_resolvers", "resolved_yaml",
-           "to_typed"]
+           "check_recipe_overrides", "compose", "compose_dict", "register_configs", "register_resolvers",
+           "resolved_yaml", "to_typed"]
 
 
 def register_resolvers() -> None:
@@ -74,8 +74,8 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def compose(overrides: list[str] | None = None) -> tuple[PrimeConfig, str]:
-    """Compose the primary config with command-line style overrides (no Hydra app needed)."""
+def compose_dict(overrides: list[str] | None = None) -> DictConfig:
+    """The composed, untyped config, as ``python -m factory.prime`` hands it to ``factory.prime.run``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -84,5 +84,10 @@ def compose(overrides: list[str] | None = None) -> tuple[PrimeConfig, str]:
     register_resolvers()
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=PRIMARY, overrides=overrides)
+        return hydra_compose(config_name=PRIMARY, overrides=overrides)
+
+
+def compose(overrides: list[str] | None = None) -> tuple[PrimeConfig, str]:
+    """Compose the primary config with command-line style overrides (no Hydra app needed)."""
+    cfg = compose_dict(overrides)
     return to_typed(cfg), resolved_yaml(cfg)

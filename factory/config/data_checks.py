@@ -91,11 +91,21 @@ def count_tokens(files: list[str], tokenizer, text_field: str, enough: int) -> i
     total = 0
     for name in files:
         for text in iter_texts(Path(name), text_field):
-            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            n = _tokens_up_to(tokenizer, text, enough - total)
             total += n + 1 if n else 0
             if total >= enough:
                 return total
     return total
+
+
+def _tokens_up_to(tokenizer, text: str, wanted: int) -> int:
+    """Tokens of ``text``, or at least ``wanted`` of them: a long document is cut to a prefix first."""
+    chars = max(256, 8 * wanted)
+    while True:
+        n = len(tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"])
+        if n >= wanted or chars >= len(text):
+            return n
+        chars *= 4
 
 
 def iter_texts(path: Path, text_field: str) -> Iterator[str]:

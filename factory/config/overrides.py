@@ -76,6 +76,9 @@ def composition_error(err: Exception) -> ConfigError:
         value = re.search(r"override \S+?=(.*)$", text.splitlines()[0])
         shown = value.group(1) if value else "?"
         return ConfigError(f"{key}={shown} is not accepted; accepted: {accepted}")
+    if type(err).__name__ == "OverrideParseException":
+        return ConfigError(f"cannot parse '{getattr(err, 'override', '?')}' (Hydra's override grammar); quote a value "
+                           "with special characters, e.g. key='~/path' or key=['~/a.jsonl']")
     missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if missing:
         options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)

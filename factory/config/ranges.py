@@ -114,10 +114,13 @@ RULES: dict[str, Rule] = {
     "checkpoint.keep_last": minimum(1),
 }
 
-# Number and word fields with no accepted set or range (free text, paths, or checked with the
-# inputs / by another check): the coverage test requires every such field to be listed.
-UNCONSTRAINED = {"recipe", "output_dir", "model.name", "model.path", "data.text_field", "data.cache_dir",
-                 "logger.project", "logger.run_name", "select.layers"}
+# Fields with no accepted set or range here: free text, or checked by validate.py (stages, layers)
+# and with the inputs (model path, data files: factory.config.environment / data_checks). The
+# coverage test requires every non-boolean field to be here or in RULES.
+UNCONSTRAINED = {"recipe", "stages", "output_dir", "model.name", "model.path", "data.text_field", "data.cache_dir",
+                 "data.train_files", "data.heldout_files", "data.chat_files", "data.chat_heldout_files",
+                 "select.calibration_files", "longctx.data_files", "logger.project", "logger.run_name",
+                 "select.layers"}
 UNCONSTRAINED_PATTERNS = ("launcher.", ".loss")  # launcher: how to start; stage losses: validate.py
 
 
