@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from factory.config.data_checks import check_data_lengths, check_positions, iter_texts
-from factory.config.environment import (WEIGHT_FILES, check_environment, check_tokenizer_files, check_weights,
-                                        launched_world_size)
+from factory.config.environment import check_environment, check_tokenizer_files, check_weights, launched_world_size
 from factory.config.errors import ConfigError
-from factory.config.ranges import (ATTN_IMPLEMENTATIONS, CHAT_OVERFLOW, DEVICES, ON_EXISTING, PRECISIONS,
-                                   SELECT_METHODS, SUPPORTED_FAMILIES, TRAINABLE, check_fields)
-from factory.config.schema import STAGES, TRAIN_STAGES, PrimeConfig
+from factory.config.ranges import SUPPORTED_FAMILIES, check_fields
+from factory.config.schema import STAGES, PrimeConfig
 from factory.rundir import PIPELINE_JSON, PipelineDir, config_hash, pipeline_identity
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "CHAT_OVERFLOW", "DEVICES", "ON_EXISTING", "PRECISIONS", "SELECT_METHODS",
-           "SUPPORTED_FAMILIES", "TRAINABLE", "WEIGHT_FILES", "ConfigError", "check_environment",
-           "check_pipeline_dir", "validate", "validate_inputs", "validate_static"]
+__all__ = ["ConfigError", "check_environment", "check_pipeline_dir", "resolve_model_path", "validate",
+           "validate_inputs", "validate_static"]
 
 STAGE_LOSSES = {"distill": ("kl",), "longctx": ("ce",), "sft": ("ce",)}  # align's: factory.config.ranges
 LAUNCHER_KINDS = ("local", "torchrun", "slurm")
@@ -106,10 +103,9 @@ def _check_parents(cfg: PrimeConfig) -> None:
 
 def _check_select(cfg: PrimeConfig) -> None:
     sel = cfg.select
-    _choice("select.method", sel.method, SELECT_METHODS)
-    if not 0.0 < sel.ratio < 1.0:
-        raise ConfigError(f"select.ratio={sel.ratio} is outside (0, 1); accepted: the share of attention "
-                          "layers that become GDN, strictly between 0 and 1 (e.g. 0.5)")
+    if sel.method in ("swa_proxy", "gdn_proxy", "kl_trained") and not (sel.calibration_rows or sel.calibration_samples):
+        raise ConfigError(f"select.method={sel.method} scores layers on calibration data, but "
+                          "select.calibration_rows=0 and select.calibration_samples=0; accepted: either > 0")
     if sel.method != "manual":
         if sel.layers is not None:
             raise ConfigError(f"select.layers={sel.layers} is only used with select.method=manual "
