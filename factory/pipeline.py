@@ -47,6 +47,10 @@ def run_pipeline(cfg: PrimeConfig, resolved_yaml: str) -> Path:
     if env.world_size > 1 and not cfg.deepspeed.enabled:
         raise RuntimeError(f"{env.world_size} processes need deepspeed=zero3 (deepspeed.enabled=true)")
     device, precision = resolve_device(cfg, env)
+    if not cfg.deepspeed.enabled and device.type == "cpu":
+        # accelerate imports deepspeed inside save_pretrained whenever it is installed, and deepspeed then
+        # warns that it fell back to CPU; naming its accelerator keeps a run without DeepSpeed quiet.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     pipeline = PipelineDir(cfg.output_dir)
     if env.is_main:
         pipeline.initialize(cfg, resolved_yaml, overwrite=cfg.on_existing == "overwrite")

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from factory.config.schema import PrimeConfig
-from factory.config.validate import ConfigError
+from factory.config.errors import ConfigError
+from factory.config.overrides import check_known_keys, expand_paths
 
 FACTORY_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = FACTORY_ROOT / "configs"
@@ -22,8 +23,8 @@ RECIPE_DIR = FACTORY_ROOT / "recipes"
 PRIMARY = "prime"
 
 __all__ = ["CONFIG_DIR", "RECIPE_DIR", "FACTORY_ROOT", "ConfigError", "PrimeConfig", "available_recipes",
-           "check_recipe_overrides", "compose", "recipe_values", "register_configs", "register_resolvers", "resolved_yaml",
-           "to_typed"]
+           "check_recipe_overrides", "compose", "compose_dict", "recipe_values", "register_configs",
+           "register_resolvers", "resolved_yaml", "to_typed"]
 
 
 def register_resolvers() -> None:
@@ -66,8 +67,11 @@ def check_recipe_overrides(overrides: list[str]) -> None:
 
 
 def to_typed(cfg: DictConfig) -> PrimeConfig:
-    """Resolve interpolations and build the dataclasses; a bad interpolation is a ConfigError."""
+    """Refuse keys the schema lacks, expand ``~`` in paths (in ``cfg`` too), resolve interpolations and
+    build the dataclasses; a bad key or interpolation is a ConfigError."""
     register_resolvers()
+    check_known_keys(cfg)
+    expand_paths(cfg)
     try:
         typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -81,8 +85,8 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def compose(overrides: list[str] | None = None) -> tuple[PrimeConfig, str]:
-    """Compose the primary config with command-line style overrides (no Hydra app needed)."""
+def compose_dict(overrides: list[str] | None = None) -> DictConfig:
+    """The composed, untyped config, as ``python -m factory.prime`` hands it to ``factory.prime.run``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -91,5 +95,10 @@ def compose(overrides: list[str] | None = None) -> tuple[PrimeConfig, str]:
     register_resolvers()
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=PRIMARY, overrides=overrides)
+        return hydra_compose(config_name=PRIMARY, overrides=overrides)
+
+
+def compose(overrides: list[str] | None = None) -> tuple[PrimeConfig, str]:
+    """Compose the primary config with command-line style overrides (no Hydra app needed)."""
+    cfg = compose_dict(overrides)
     return to_typed(cfg), resolved_yaml(cfg)

@@ -1,8 +1,10 @@
 """Config validation: every bad value is refused in one line, before anything is written.
 
-``validate_static`` looks only at the config; ``validate_inputs`` opens the model's
-config.json, its tokenizer and the data files (never the network); ``check_pipeline_dir``
-refuses to reuse an output directory made with a different config.
+``validate`` runs them all, cheapest first: ``validate_static`` looks only at the config
+(value ranges: ``factory.config.ranges``; stage order); ``check_environment`` at the machine
+and the launch (``factory.config.environment``); ``validate_inputs`` opens the model's
+config.json, weight headers, tokenizer and data files (never the network, never the weights);
+``check_pipeline_dir`` refuses to reuse an output directory made with a different config.
 """
 
 from __future__ import annotations
@@ -11,31 +13,16 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from factory.config.schema import STAGES, TRAIN_STAGES, PrimeConfig
+from factory.config.data_checks import check_data_lengths, check_positions, iter_texts
+from factory.config.environment import check_environment, check_tokenizer_files, check_weights, launched_world_size
+from factory.config.errors import ConfigError
+from factory.config.ranges import SUPPORTED_FAMILIES, check_fields
+from factory.config.schema import STAGES, PrimeConfig
 from factory.rundir import PIPELINE_JSON
 
-# The accepted values, in one place (new selection methods, losses, ... are added here).
-SELECT_METHODS = ("manual", "alternate", "swa_proxy", "gdn_proxy", "kl_trained")
-SUPPORTED_FAMILIES = ("qwen3",)
-ON_EXISTING = ("resume", "overwrite")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-TRAINABLE = ("gdn", "gdn+norms", "gdn+norms+attention", "all")
-ALIGN_LOSSES = ("layerwise", "pre_lm_head")
-SCHEDULES = ("cosine", "constant")
-GATE_INITS = ("published", "random")
-QK_NORMS = ("drop", "scale")
-CONV_INITS = ("default", "identity")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
-LOGGER_KINDS = ("none", "wandb")
-LOGGER_MODES = ("offline", "online")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+__all__ = ["ConfigError", "check_environment", "check_pipeline_dir", "resolve_model_path", "validate",
+           "validate_inputs", "validate_static"]
 
-
-class ConfigError(ValueError):
-    """A bad config value or input; the message is one line for the user."""
 
 
 def _choice(name: str, value, accepted: Iterable) -> None:
@@ -44,46 +31,28 @@ def _choice(name: str, value, accepted: Iterable) -> None:
         raise ConfigError(f"{name}={value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
 
 
-def _positive(name: str, value) -> None:
-    if value is not None and not value > 0:
-        raise ConfigError(f"{name}={value} must be > 0")
+def validate(cfg: PrimeConfig) -> None:
+    """Every check, cheapest first; nothing is written and no model is loaded."""
+    validate_static(cfg)
+    check_environment(cfg)
+    validate_inputs(cfg)
+    check_pipeline_dir(cfg)
 
 
 # ---------------------------------------------------------------- static checks
 
 
 def validate_static(cfg: PrimeConfig) -> None:
-    _check_stages(cfg.stages)
+    _check_stages(cfg)
+    check_fields(cfg)
     _check_select(cfg)
-    _choice("on_existing", cfg.on_existing, ON_EXISTING)
-    _choice("device", cfg.device, DEVICES)
-    _choice("precision", cfg.precision, PRECISIONS)
-    _positive("threads", cfg.threads)
-    _choice("model.family", cfg.model.family, SUPPORTED_FAMILIES)
-    _choice("model.attn_implementation", cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS)
-    _positive("data.seq_len", cfg.data.seq_len)
-    _choice("init.gate_init", cfg.init.gate_init, GATE_INITS)
-    _choice("init.qk_norm", cfg.init.qk_norm, QK_NORMS)
-    _choice("init.conv_init", cfg.init.conv_init, CONV_INITS)
-    for stage in TRAIN_STAGES:
-        if hasattr(cfg, stage):
-            _check_train_stage(stage, getattr(cfg, stage))
-    _choice("export.dtype", cfg.export.dtype, EXPORT_DTYPES)
-    _choice("logger.kind", cfg.logger.kind, LOGGER_KINDS)
-    _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; accepted: 0, 1, 2, 3")
     _check_long_context(cfg)
 
 
 def _check_long_context(cfg: PrimeConfig) -> None:
     lc = cfg.longctx
-    _positive("longctx.sp_degree", lc.sp_degree)
     if lc.offload_checkpoints and not lc.activation_checkpointing:
         raise ConfigError("longctx.offload_checkpoints=true needs longctx.activation_checkpointing=true")
-    if lc.tiled_mlp_tokens < 0:
-        raise ConfigError(f"longctx.tiled_mlp_tokens={lc.tiled_mlp_tokens} must be 0 (off) or a positive token count")
-    _positive("longctx.rope_theta", lc.rope_theta)
     seq_len = lc.seq_len or cfg.data.seq_len
     if seq_len % lc.sp_degree:
         raise ConfigError(f"longctx.seq_len={seq_len} is not divisible by longctx.sp_degree={lc.sp_degree}")
@@ -95,9 +64,10 @@ def _check_long_context(cfg: PrimeConfig) -> None:
                           "and launch with torchrun or SLURM")
 
 
-def _check_stages(stages: list[str]) -> None:
+def _check_stages(cfg: PrimeConfig) -> None:
+    stages = cfg.stages
     if not stages:
-        raise ConfigError(f"stages is empty; accepted: a list from {', '.join(STAGES)}")
+        raise ConfigError(f"stages is empty; accepted: a list from {', '.join(STAGES)} starting with select, init")
     for name in stages:
         _choice("stages", name, STAGES)
     for name in set(stages):
@@ -106,14 +76,31 @@ def _check_stages(stages: list[str]) -> None:
     order = [STAGES.index(name) for name in stages]
     if order != sorted(order):
         raise ConfigError(f"stages [{', '.join(stages)}] are out of order; pipeline order: {', '.join(STAGES)}")
+    _check_parents(cfg)
+
+
+def _check_parents(cfg: PrimeConfig) -> None:
+    """Each stage reads its parent's output: init the layer choice of select, the rest init's model."""
+    stages, listed = cfg.stages, f"stages=[{','.join(cfg.stages)}]"
+    rule = "a stage list must start with select, init (select alone is allowed)"
+    if stages[0] != "select":
+        parent = "select's layer choice" if stages[0] == "init" else "the model of init (and init needs select)"
+        raise ConfigError(f"{listed}: {stages[0]} needs {parent}, which is not in the list; {rule}, e.g. "
+                          f"stages=[select,init{',' if stages[0] != 'init' else ''}"
+                          f"{','.join(s for s in stages if s != 'init')}]")
+    if len(stages) > 1 and stages[1] != "init":
+        raise ConfigError(f"{listed}: {stages[1]} needs the model of init, which is not in the list; {rule}")
+    zero3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
+    if zero3 and len(stages) > 2 and stages[2] in ("distill", "longctx", "sft", "eval"):
+        raise ConfigError(f"{listed}: under ZeRO-3, {stages[2]} starts from align's student (init's model keeps "
+                          "the teacher attention); add align after init")
 
 
 def _check_select(cfg: PrimeConfig) -> None:
     sel = cfg.select
-    _choice("select.method", sel.method, SELECT_METHODS)
-    if not 0.0 < sel.ratio < 1.0:
-        raise ConfigError(f"select.ratio={sel.ratio} is outside (0, 1); accepted: the share of attention "
-                          "layers that become GDN, strictly between 0 and 1 (e.g. 0.5)")
+    if sel.method in ("swa_proxy", "gdn_proxy", "kl_trained") and not (sel.calibration_rows or sel.calibration_samples):
+        raise ConfigError(f"select.method={sel.method} scores layers on calibration data, but "
+                          "select.calibration_rows=0 and select.calibration_samples=0; accepted: either > 0")
     if sel.method != "manual":
         if sel.layers is not None:
             raise ConfigError(f"select.layers={sel.layers} is only used with select.method=manual "
@@ -134,20 +121,6 @@ def _check_layer_indices(layers: list[int], num_layers: Optional[int]) -> None:
         if index in seen:
             raise ConfigError(f"select.layers: index {index} is repeated; each layer may appear once")
         seen.add(index)
-
-
-def _check_train_stage(stage: str, tcfg) -> None:
-    if stage == "align":
-        _choice("align.loss", tcfg.loss, ALIGN_LOSSES)
-    else:
-        _choice(f"{stage}.trainable", tcfg.trainable, TRAINABLE)
-    _choice(f"{stage}.optim.schedule", tcfg.optim.schedule, SCHEDULES)
-    for key in ("steps", "batch_size", "grad_accum", "seq_len", "temperature", "loss_tile_tokens"):
-        if hasattr(tcfg, key):
-            _positive(f"{stage}.{key}", getattr(tcfg, key))
-    _positive(f"{stage}.optim.lr", tcfg.optim.lr)
-    if tcfg.optim.warmup_steps < 0:
-        raise ConfigError(f"{stage}.optim.warmup_steps={tcfg.optim.warmup_steps} must be >= 0")
 
 
 # ---------------------------------------------------------------- inputs (files)
@@ -175,25 +148,29 @@ def validate_inputs(cfg: PrimeConfig) -> None:
         raise ConfigError(f"model.path '{cfg.model.path}' not found: give a local checkpoint directory "
                           "or a hub id already in the HF cache")
     model_config = _read_model_config(cfg.model.path, model_dir)
-    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
-        raise ConfigError(f"model.path '{cfg.model.path}' has no weights; accepted: a checkpoint directory "
-                          f"with one of {', '.join(WEIGHT_FILES)}")
+    check_weights(cfg.model.path, model_dir)
     if cfg.select.method == "manual" and cfg.select.layers:
         _check_layer_indices(cfg.select.layers, int(model_config["num_hidden_layers"]))
+    check_positions(cfg, int(model_config.get("max_position_embeddings") or 0) or 2**31)
+    check_tokenizer_files(cfg.model.path, model_dir)
     tokenizer = _check_tokenizer(cfg.model.path, model_dir, int(model_config["vocab_size"]))
-    for key in ("train_files", "heldout_files"):
-        _check_data_files(f"data.{key}", getattr(cfg.data, key), cfg.data.text_field)
+    data_keys = [("data", "train_files"), ("data", "heldout_files")]
     if "longctx" in cfg.stages:
-        _check_data_files("longctx.data_files", cfg.longctx.data_files, cfg.data.text_field)
+        data_keys.append(("longctx", "data_files"))
+    if cfg.select.calibration_files:
+        data_keys.append(("select", "calibration_files"))
+    for section, key in data_keys:
+        _check_data_files(f"{section}.{key}", getattr(getattr(cfg, section), key), cfg.data.text_field)
+    check_data_lengths(cfg, tokenizer, max(1, launched_world_size()))
     if "sft" in cfg.stages:
         _check_chat(cfg, tokenizer)
 
 
 def _check_chat(cfg: PrimeConfig, tokenizer) -> None:
     """sft needs a chat template and readable conversations with known roles."""
-    from factory.data.chat import OVERFLOW, ChatDataError, read_conversations
+    from factory.data.chat import ChatDataError, read_conversations
 
-    _choice("data.chat_overflow", cfg.data.chat_overflow, OVERFLOW)
+    check_fields(cfg, with_inputs=True)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"model.path '{cfg.model.path}': the tokenizer has no chat template, which the sft "
                           "stage needs; accepted: a tokenizer with chat_template, or drop sft from stages")
@@ -254,19 +231,7 @@ def _check_data_files(key: str, files: list[str], text_field: str) -> None:
 
 def _has_text_record(path: Path, text_field: str) -> bool:
     """True at the first usable record, so a large file costs one line, not a full scan."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"data file '{path}' line {number} is not JSON; accepted: JSONL of "
-                                  f"{{\"{text_field}\": ...}} lines") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if isinstance(text, str) and text.strip():
-                return True
-    return False
+    return any(text.strip() for text in iter_texts(path, text_field))
 
 
 # ---------------------------------------------------------------- output directory

@@ -37,18 +37,29 @@ def read_conversations(files: list[str]) -> list[list[dict]]:
     conversations = []
     for file in files:
         for number, line in enumerate(Path(file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            messages = json.loads(line).get("messages")
-            if not messages:
-                raise ChatDataError(f"{file}:{number} has no 'messages' list")
-            for message in messages:
-                if message.get("role") not in ROLES:
-                    raise ChatDataError(f"{file}:{number} has role {message.get('role')!r}; accepted: {ROLES}")
-            conversations.append(messages)
+            if line.strip():
+                conversations.append(_messages(line, f"{file}:{number}"))
     if not conversations:
         raise ChatDataError(f"no conversations in {files}")
     return conversations
+
+
+def _messages(line: str, where: str) -> list[dict]:
+    """One JSONL line's ``messages``: a non-empty list of {role, content} with known roles."""
+    shape = 'accepted: {"messages": [{"role": "user", "content": "..."}, ...]}'
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ChatDataError(f"{where} is not JSON ({err.msg}); {shape}") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not messages or not isinstance(messages, list):
+        raise ChatDataError(f"{where} has no 'messages' list (got {type(messages).__name__}); {shape}")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ChatDataError(f"{where}: message {str(message)[:60]!r} is not a {{role, content}} object; {shape}")
+        if message.get("role") not in ROLES:
+            raise ChatDataError(f"{where} has role {message.get('role')!r}; accepted: {ROLES}")
+    return messages
 
 
 def _render(tokenizer, messages: list[dict]) -> list[int]:

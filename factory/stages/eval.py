@@ -69,21 +69,36 @@ def run_eval(ctx: StageContext) -> dict:
     return {"tokens": 0, "student_loss": result["heldout"]["student_loss"], "partitioned_models": ctx.zero3}
 
 
+def _progress(ctx: StageContext, part: str) -> None:
+    if ctx.env.is_main:
+        print(f"[eval] {part}", flush=True)
+
+
 def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
     e = ctx.cfg.eval
-    return {
-        "heldout": heldout_metrics(teacher, student, rows, e.heldout_rows, e.batch_size, ctx.device),
-        "heldout_initialized_hybrid": _stage_model_metrics(ctx, teacher, rows, ancestor(ctx.parent_dir, "init")),
-        "heldout_before_sft": _stage_model_metrics(ctx, teacher, rows, _before_sft(ctx.parent_dir)),
-        "retrieval": {"teacher": _retrieval(teacher, ctx), "student": _retrieval(student, ctx)},
-        "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
-        "kv_cache_bytes_per_token": {"teacher": kv_cache_bytes_per_token(teacher.config),
-                                     "student": kv_cache_bytes_per_token(student.config)},
-        "recurrent_state_bytes_per_sequence": recurrent_state_bytes(student.config),
-        "gdn_layers": student.config.linear_layers,
-        "chat": _chat(ctx, teacher, student) if "sft" in ctx.cfg.stages else None,
-        "train_seq_len": ctx.cfg.data.seq_len,
-    }
+    _progress(ctx, f"held-out loss and KL, teacher vs hybrid ({min(e.heldout_rows, len(rows))} rows)")
+    result = {"heldout": heldout_metrics(teacher, student, rows, e.heldout_rows, e.batch_size, ctx.device)}
+    for key, stage_dir, what in (("heldout_initialized_hybrid", ancestor(ctx.parent_dir, "init"), "after init"),
+                                 ("heldout_before_sft", _before_sft(ctx.parent_dir), "before sft")):
+        if stage_dir is not None:
+            _progress(ctx, f"held-out loss of the hybrid {what}")
+        result[key] = _stage_model_metrics(ctx, teacher, rows, stage_dir)
+    retrieval = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        _progress(ctx, f"retrieval, {'hybrid' if name == 'student' else name}: distances {e.retrieval_distances}, "
+                       f"{e.retrieval_samples} samples each")
+        retrieval[name] = _retrieval(model, ctx)
+    result["retrieval"] = retrieval
+    if "sft" in ctx.cfg.stages:
+        _progress(ctx, f"chat: greedy answers to {e.chat_prompts} held-out prompts")
+    return {**result,
+            "parameters": {"teacher": parameter_count(teacher), "student": parameter_count(student)},
+            "kv_cache_bytes_per_token": {"teacher": kv_cache_bytes_per_token(teacher.config),
+                                         "student": kv_cache_bytes_per_token(student.config)},
+            "recurrent_state_bytes_per_sequence": recurrent_state_bytes(student.config),
+            "gdn_layers": student.config.linear_layers,
+            "chat": _chat(ctx, teacher, student) if "sft" in ctx.cfg.stages else None,
+            "train_seq_len": ctx.cfg.data.seq_len}
 
 
 # ``stages``: chat agreement is measured when the pipeline instruction-tunes.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import sys
 from functools import partial
 
 import torch
@@ -22,16 +23,20 @@ from factory.distributed.sequence_parallel import SequenceParallel
 from factory.distributed.sharded import save_sharded
 from factory.models.hqwen3.student import drop_teacher_attention, student_config, student_key
 from factory.stages.context import StageContext
-from factory.train.callbacks import LossPlot, MetricsLogger, ProgressBar, WandbLogger, truncate_metrics
+from factory.train.callbacks import (LossPlot, MetricsLogger, ProgressBar, ProgressLog, WandbLogger,
+                                     truncate_metrics)
 from factory.train.checkpointing import CheckpointCallback
 from factory.train.engine import LocalEngine
 from factory.train.loop import StepState, train_loop
+
 
 def _callbacks(ctx: StageContext, stage_cfg: TrainingConfig, start_step: int):
     if not ctx.env.is_main:
         return []
     metrics = ctx.stage_dir / "metrics.jsonl"
     callbacks = [ProgressBar(ctx.name, stage_cfg.steps, start_step), MetricsLogger(metrics, stage_cfg.log_every)]
+    if not sys.stdout.isatty():  # a log file or pipe: the bar (a terminal's) is invisible there
+        callbacks.append(ProgressLog(ctx.name, stage_cfg.log_every))
     if stage_cfg.plot:
         callbacks.append(LossPlot(metrics, ctx.stage_dir / "loss.png", f"{ctx.cfg.recipe}: {ctx.name}"))
     if ctx.cfg.logger.kind == "wandb":
@@ -46,7 +51,8 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
     state = StepState(total_steps=total_steps)
     path = find_resumable(ctx.stage_dir)
     if path is None:
-        if ctx.env.is_main:
+        if ctx.env.is_main and (ctx.stage_dir / "metrics.jsonl").exists():
+            print(f"[{ctx.name}] an earlier attempt left no checkpoint: starting again at step 0", flush=True)
             truncate_metrics(ctx.stage_dir / "metrics.jsonl", 0)  # an earlier attempt that saved nothing
         return state
     trainer = load_trainer_state(path)
@@ -58,7 +64,9 @@ def _resume(ctx: StageContext, engine, loader, total_steps: int) -> StepState:
     restore_rng(path, ctx.env.rank)
     if ctx.env.is_main:
         truncate_metrics(ctx.stage_dir / "metrics.jsonl", trainer.step)
-    print(f"[{ctx.name}] resumed from {path.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
+    if ctx.env.is_main:
+        print(f"[{ctx.name}] resumed from {path.name} (step {trainer.step} of {total_steps}, "
+              f"{trainer.tokens:,} tokens)", flush=True)
     state.step, state.tokens, state.elapsed = trainer.step, trainer.tokens, trainer.elapsed
     return state
 

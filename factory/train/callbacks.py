@@ -1,4 +1,4 @@
-"""Loop callbacks: progress bar, metrics JSONL, wandb, loss-curve plot."""
+"""Loop callbacks: progress bar (a terminal), progress lines (logs), metrics JSONL, wandb, loss-curve plot."""
 
 from __future__ import annotations
 
@@ -26,6 +26,31 @@ class ProgressBar:
 
     def on_end(self, state: StepState) -> None:
         self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog:
+    """One flushed line every ``every`` steps, for logs (SLURM, a file, a pipe), where a bar is invisible:
+    ``[align] step 20/150 loss 0.0123 tokens/s 8,192 ETA 0:01:05``. Rates are the stage's averages
+    (tokens and time are restored on resume)."""
+
+    def __init__(self, stage: str, every: int, stream=None):
+        self.stage, self.every, self.stream = stage, max(1, every), stream or sys.stdout
+
+    def on_step(self, state: StepState) -> None:
+        if state.step % self.every and state.step != state.total_steps:
+            return
+        seconds = max(1e-9, state.elapsed)
+        eta = seconds / max(1, state.step) * (state.total_steps - state.step)
+        print(f"[{self.stage}] step {state.step}/{state.total_steps} loss {state.loss:.4f} "
+              f"tokens/s {state.tokens / seconds:,.0f} ETA {_duration(eta)}", file=self.stream, flush=True)
+
+    def on_end(self, state: StepState) -> None:
+        pass
 
 
 class MetricsLogger:

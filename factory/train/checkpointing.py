@@ -1,5 +1,6 @@
-"""Checkpoint callback: every N steps, every M minutes, and when SIGTERM/SIGUSR1 arrive
-(SLURM preemption), after which the run stops with ``Preempted``."""
+"""Checkpoint callback: every N steps, every M minutes, and when SIGTERM/SIGUSR1 (SLURM
+preemption) or SIGINT (Ctrl-C) arrive, after which the run stops with ``Preempted``. A second
+Ctrl-C before the step ends stops at once, without a checkpoint."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from factory.checkpoint.state import TrainerState, save_checkpoint
 from factory.config.schema import CheckpointConfig
 from factory.train.loop import StepState
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name} after saving step {step}")
+    def __init__(self, signum: int, step: int, where: str = ""):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} after saving {where or f'step {step}'}; "
+                         "rerun the same command to resume")
         self.signum, self.step = signum, step
 
 
@@ -31,6 +33,9 @@ class CheckpointCallback:
         self.previous = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            self.restore_handlers()
+            raise KeyboardInterrupt  # asked twice: stop now
         self.requested = signum  # acted on at the end of the current step
 
     def _due(self, state: StepState) -> bool:
@@ -49,11 +54,14 @@ class CheckpointCallback:
 
     def on_step(self, state: StepState) -> None:
         stop = self.engine.any_rank(self.requested is not None)
-        if state.step < state.total_steps and (stop or self.engine.any_rank(self._due(state))):
-            self.save(state)
+        # On a stop the last step is saved too: the rerun then only writes the stage's model.
         if stop:
+            saved = self.save(state)
             self.restore_handlers()
-            raise Preempted(self.requested or signal.SIGTERM, state.step)
+            where = f"{self.stage_dir.name}/{saved.name} (step {state.step} of {state.total_steps})"
+            raise Preempted(self.requested or signal.SIGTERM, state.step, where)
+        if state.step < state.total_steps and self.engine.any_rank(self._due(state)):
+            self.save(state)
 
     def on_end(self, state: StepState) -> None:
         self.restore_handlers()

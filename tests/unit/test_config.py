@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from factory.config import FACTORY_ROOT, available_recipes, compose
 from factory.config.validate import (ConfigError, check_pipeline_dir, resolve_model_path, validate_inputs,
@@ -29,7 +31,7 @@ def write_model(path: Path, *, vocab_size=64, tokens=50, layers=4, model_type="q
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
     Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=16).save_pretrained(path)
-    (path / "model.safetensors").write_bytes(b"")  # validation checks presence only
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))  # validation reads the header only
     if model_type != "qwen3":
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
@@ -43,10 +45,11 @@ def write_jsonl(path: Path, texts) -> Path:
 
 @pytest.fixture
 def inputs(tmp_path):
-    """Overrides pointing the default recipe at a fake 4-layer model and fake data in tmp."""
+    """Overrides pointing the default recipe at a fake 4-layer model and fake data in tmp (enough tokens
+    for one batch of align/distill and one eval row: 8 x 512 and 512)."""
     model = write_model(tmp_path / "model")
-    train = write_jsonl(tmp_path / "train.jsonl", ["t1 t2 t3", "t4 t5"])
-    heldout = write_jsonl(tmp_path / "heldout.jsonl", ["t6 t7"])
+    train = write_jsonl(tmp_path / "train.jsonl", [" ".join(f"t{i % 50}" for i in range(600))] * 8)
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [" ".join(f"t{i % 50}" for i in range(600))])
     return ["+recipe=gdn_50pct", f"model.path='{model}'", f"data.train_files=['{train}']",
             f"data.heldout_files=['{heldout}']", f"output_dir='{tmp_path / 'run'}'",
             "stages=[select,init,align,distill,export,eval]"]
