@@ -7,17 +7,28 @@ from functools import cached_property
 from pathlib import Path
 
 import contextlib
+import json
 
 import torch
 
 from factory.config.schema import PrimeConfig
 from factory.distributed.env import DistEnv
-from factory.rundir import model_dir
+from factory.rundir import model_dir, read_stage
 
 
 TRAINING_STAGES = ("align", "distill", "longctx", "sft")
 # Run on every rank only under ZeRO-3, where no rank may hold the whole model; on rank 0 otherwise.
 SHARDED_STAGES = ("init", "eval")
+
+
+def hqwen3_source(stage_dir: Path) -> Path:
+    """The HQwen3 model directory of a stage. A Qwen3.5-format export holds the same function in
+    stock classes (equal fp32 logits, tested), so later stages read the model it was written from."""
+    path = model_dir(stage_dir)
+    config = path / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen3_5_text":
+        return hqwen3_source(Path(read_stage(stage_dir)["parent"]))
+    return path
 
 
 @dataclass
@@ -74,7 +85,7 @@ class StageContext:
         if self.parent_dir is None or not model_dir(self.parent_dir).exists():
             raise RuntimeError(f"stage '{self.name}' needs a model from the previous stage, found none in "
                                f"{self.parent_dir}")
-        return model_dir(self.parent_dir)
+        return hqwen3_source(self.parent_dir)
 
     @property
     def out_model_dir(self) -> Path:

@@ -17,6 +17,12 @@ from factory.rundir import read_stage
 from factory.stage_context import StageContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOAD_LINES = {
+    "qwen3_5": "Qwen3.5 text format (`qwen3_5_text`): stock transformers loads it with no code of ours,\n"
+               "`AutoModelForCausalLM.from_pretrained(path)`, and vLLM serves it: `vllm serve path`.",
+    "hqwen3": "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`: the modeling\n"
+              "files here need only torch and transformers (flash-linear-attention is used on CUDA if present).",
+}
 
 
 def lineage(stage_dir: Path) -> list[dict]:
@@ -29,7 +35,7 @@ def lineage(stage_dir: Path) -> list[dict]:
     return list(reversed(chain))
 
 
-def model_card(config, stages: list[dict], teacher: str, recipe: str) -> str:
+def model_card(config, stages: list[dict], teacher: str, recipe: str, fmt: str = "hqwen3") -> str:
     layer_lines = "\n".join(f"| {i} | {'GDN' if t == 'linear_attention' else 'attention'} |"
                             for i, t in enumerate(config.layer_types))
     stage_lines = "\n".join(f"| {s['stage']} | {s.get('steps', '-')} | {s.get('tokens', '-')} |" for s in stages)
@@ -45,8 +51,7 @@ Made by Hybrid Model Factory, recipe `{recipe}`: {gdn} of {config.num_hidden_lay
 became Gated DeltaNet layers, initialized from the attention weights and distilled from the
 original. Tokens seen in training: {tokens:,}.
 
-Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`: the modeling
-files here need only torch and transformers (flash-linear-attention is used on CUDA if present).
+{LOAD_LINES[fmt]}
 
 ## Stages
 
@@ -71,45 +76,74 @@ def weight_files(model_directory: Path) -> list[Path]:
     return [model_directory / "model.safetensors"]
 
 
-def stream_weights(source: Path, out: Path, dtype: torch.dtype, keep) -> int:
-    """Copy the tensors ``keep`` accepts from ``source`` to ``out`` one at a time, floating point
-    ones cast to ``dtype``: a 32B model is never whole in memory. Returns the tensors written."""
+def read_weights(source: Path, keep):
+    """``(name, tensor)`` of the tensors ``keep`` accepts, one at a time, file by file."""
     from safetensors import safe_open
 
-    writer = ShardWriter(out)
     for path in weight_files(source):
         with safe_open(str(path), framework="pt") as tensors:
             for key in tensors.keys():
                 if keep(key):
-                    tensor = tensors.get_tensor(key)
-                    writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                    yield key, tensors.get_tensor(key)
+
+
+def stream_weights(source: Path, out: Path, dtype: torch.dtype, keep, convert=None) -> int:
+    """Copy the tensors ``keep`` accepts from ``source`` to ``out`` one at a time (through ``convert``,
+    an iterator-to-iterator of pairs, when given), floating point ones cast to ``dtype``: a 32B model
+    is never whole in memory. Returns the tensors written."""
+    writer = ShardWriter(out)
+    pairs = read_weights(source, keep)
+    for key, tensor in (convert(pairs) if convert else pairs):
+        writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     writer.close()
     return len(writer.written)
+
+
+def write_qwen3_5(source: Path, out: Path, config, dtype: torch.dtype, keep) -> int:
+    """The student in the Qwen3.5 text format: weights streamed and converted, and its config."""
+    from transformers import Qwen3_5TextConfig
+
+    from factory.models.hqwen3 import qwen3_5
+
+    fields = qwen3_5.qwen3_5_config(config)  # raises, naming the reason, where it would not be exact
+    tensors = stream_weights(source, out, dtype, keep, partial(qwen3_5.convert_tensors, config))
+    text_config = Qwen3_5TextConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+    text_config.dtype = str(dtype).removeprefix("torch.")
+    text_config.save_pretrained(out)
+    return tensors
 
 
 def run_export(ctx: StageContext) -> dict:
     """The parent's student, streamed file by file into a self-contained HF directory in the export dtype."""
     from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
 
-    source, out = ctx.parent_model_dir, ctx.out_model_dir
-    shutil.rmtree(out, ignore_errors=True)
+    from factory.models.hqwen3.qwen3_5 import inexact_reason
+
+    source, out, fmt = ctx.parent_model_dir, ctx.out_model_dir, ctx.cfg.export.format
     config = HQwen3Config.from_pretrained(source)
     keep = partial(student_key, config) if config.keep_teacher_attention else (lambda key: True)
     config = student_config(config) if config.keep_teacher_attention else config
+    if fmt == "qwen3_5" and inexact_reason(config):
+        raise ValueError(f"export.format=qwen3_5 is not exact for this model: {inexact_reason(config)}; "
+                         "use export.format=hqwen3")
+    shutil.rmtree(out, ignore_errors=True)
     dtype = DTYPES[ctx.cfg.export.dtype]
-    tensors = stream_weights(source, out, dtype, keep)
-    with torch.device("meta"):  # for the files beside the weights; no memory
-        model = HQwen3ForCausalLM(config)
-    write_model_files(model, out, dtype)
-    write_remote_code(out)
+    if fmt == "qwen3_5":
+        tensors = write_qwen3_5(source, out, config, dtype, keep)
+    else:
+        tensors = stream_weights(source, out, dtype, keep)
+        with torch.device("meta"):  # for the files beside the weights; no memory
+            model = HQwen3ForCausalLM(config)
+        write_model_files(model, out, dtype)
+        write_remote_code(out)
     ctx.tokenizer.save_pretrained(out)
     generation = GenerationConfig.from_model_config(config)
     generation.eos_token_id = ctx.tokenizer.eos_token_id
     generation.pad_token_id = ctx.tokenizer.pad_token_id or ctx.tokenizer.eos_token_id
     generation.save_pretrained(out)
     stages = lineage(ctx.parent_dir)
-    (out / "README.md").write_text(model_card(config, stages, ctx.cfg.model.path, ctx.cfg.recipe))
+    (out / "README.md").write_text(model_card(config, stages, ctx.cfg.model.path, ctx.cfg.recipe, fmt))
     (out / "priming.json").write_text(json.dumps({"recipe": ctx.cfg.recipe, "teacher": ctx.cfg.model.path,
                                                   "stages": stages}, indent=2, default=str) + "\n")
     print(f"[export] {out}")
-    return {"export_dir": str(out), "tokens": 0, "tensors": tensors}
+    return {"export_dir": str(out), "tokens": 0, "tensors": tensors, "format": fmt}

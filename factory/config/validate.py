@@ -28,6 +28,7 @@ GATE_INITS = ("published", "random")
 QK_NORMS = ("drop", "scale")
 CONV_INITS = ("default", "identity")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_FORMATS = ("qwen3_5", "hqwen3")
 LOGGER_KINDS = ("none", "wandb")
 LOGGER_MODES = ("offline", "online")
 LAUNCHER_KINDS = ("local", "torchrun", "slurm")
@@ -70,12 +71,26 @@ def validate_static(cfg: PrimeConfig) -> None:
         if hasattr(cfg, stage):
             _check_train_stage(stage, getattr(cfg, stage))
     _choice("export.dtype", cfg.export.dtype, EXPORT_DTYPES)
+    _choice("export.format", cfg.export.format, EXPORT_FORMATS)
+    _check_export_format(cfg)
     _choice("logger.kind", cfg.logger.kind, LOGGER_KINDS)
     _choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _choice("launcher.kind", cfg.launcher.kind, LAUNCHER_KINDS)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; accepted: 0, 1, 2, 3")
     _check_long_context(cfg)
+
+
+def _check_export_format(cfg: PrimeConfig) -> None:
+    """Options the Qwen3.5 format cannot express, refused before any training when export is a stage."""
+    if "export" not in cfg.stages or cfg.export.format != "qwen3_5":
+        return
+    if cfg.init.allow_neg_eigval:
+        raise ConfigError("export.format=qwen3_5 cannot hold init.allow_neg_eigval=true (Qwen3.5's GDN has beta "
+                          "in (0, 1)); use export.format=hqwen3")
+    if cfg.init.qk_norm == "scale":
+        raise ConfigError("export.format=qwen3_5 cannot hold init.qk_norm=scale (Qwen3.5's GDN has no per-channel "
+                          "q/k scale); use export.format=hqwen3")
 
 
 def _check_long_context(cfg: PrimeConfig) -> None:

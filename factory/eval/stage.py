@@ -83,6 +83,7 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
         "gdn_layers": student.config.linear_layers,
         "chat": _chat(ctx, teacher, student) if "sft" in ctx.cfg.stages else None,
         "train_seq_len": ctx.cfg.data.seq_len,
+        "export_format": ctx.cfg.export.format if "export" in ctx.cfg.stages else None,
     }
 
 
@@ -109,6 +110,8 @@ def summary_table(result: dict, recipe: str) -> str:
     kv = result["kv_cache_bytes_per_token"]
     rows.append(("KV-cache bytes / token (bf16)", f"{kv['teacher']:,}", f"{kv['student']:,}"))
     rows.append(("parameters", f"{result['parameters']['teacher']:,}", f"{result['parameters']['student']:,}"))
+    if result.get("export_format"):
+        rows.append(("export format", "", result["export_format"]))
     width = max(len(r[0]) for r in rows)
     lines = [f"# Primed hybrid vs teacher ({recipe}; GDN layers {result['gdn_layers']})", "",
              f"| {'metric'.ljust(width)} | teacher | hybrid |", f"|{'-' * (width + 2)}|---|---|"]
