@@ -110,6 +110,10 @@ def write_qwen3_5(source: Path, out: Path, config, dtype: torch.dtype, keep) -> 
     text_config = Qwen3_5TextConfig(**{k: v for k, v in fields.items() if k != "model_type"})
     text_config.dtype = str(dtype).removeprefix("torch.")
     text_config.save_pretrained(out)
+    # Newer transformers keep the rotary fraction only inside rope_parameters; engines that read the
+    # top-level field would default it to Qwen3.5's 0.25.
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "partial_rotary_factor": 1.0}, indent=2) + "\n")
     return tensors
 
 
