@@ -102,7 +102,7 @@ def convert_tensor(config, name: str, tensor: torch.Tensor) -> tuple[str, torch.
         return name, t - 1.0
     if len(parts) < 5 or parts[1] != "layers":
         return name, t
-    layer, kind, module = int(parts[2]), parts[3], parts[4]
+    kind, module = parts[3], parts[4]
     if kind == "self_attn" and module == "q_proj":
         return name, gated_query(t, config.num_attention_heads)
     if kind == "self_attn" and module == "o_proj":
