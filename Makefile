@@ -1,5 +1,5 @@
 PY ?= python3
-.PHONY: install lint test test-fast demo gpu-test bench
+.PHONY: install lint test test-fast test-transformers-other-end demo gpu-test bench
 
 # Where no torch is installed, the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 install:
@@ -8,6 +8,20 @@ install:
 
 test: install lint
 	$(PY) -m pytest -q --timeout=900 tests
+	$(MAKE) test-transformers-other-end
+
+# The supported transformers range is TF_ENDS (pyproject.toml). The suite runs on the installed one;
+# the Qwen3.5 export tests (stock load, equal logits, cached generation, vLLM names) also run on the
+# other end, in a second virtual environment over the system packages (a few minutes).
+TF_ENDS ?= 5.17.0 5.23.0
+TF_VENV ?= .venv-transformers
+test-transformers-other-end:
+	@tf=$$($(PY) -c "import transformers; print(transformers.__version__)"); \
+	other=$$(for v in $(TF_ENDS); do case "$$tf" in "$${v%.*}".*) ;; *) echo $$v ;; esac; done | head -n 1); \
+	echo "transformers $$tf installed; export tests on $$other"; \
+	$(PY) -m venv --system-site-packages $(TF_VENV) && $(TF_VENV)/bin/pip install -q "transformers==$$other" && \
+	PYTHONPATH=$(CURDIR) $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=900 \
+		tests/unit/test_qwen3_5_export.py tests/unit/test_qwen3_5_vllm_names.py
 
 # Import contracts (pyproject [tool.importlinter]: dependencies point one way) and ruff.
 lint:

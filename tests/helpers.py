@@ -44,3 +44,32 @@ def load_script(path: Path):
     finally:
         sys.path.remove(str(path.parent))
     return module
+
+
+# Prepended to ``python -c`` scripts that must see only stock libraries: the editable install's
+# finder and the checkout leave the import path, so ``import factory`` fails (asserted), and fla is
+# blocked, because transformers' Qwen3.5 picks fla's kernels whenever fla imports, even for CPU
+# tensors (where they cannot run): blocked, its own pure-torch GDN path runs.
+STOCK_ONLY = """
+import os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "factory"))]
+for name in ("fla", "causal_conv1d"):
+    sys.modules[name] = None
+try:
+    import factory
+    raise SystemExit("factory is importable")
+except ImportError:
+    pass
+"""
+
+
+def run_stock_python(script: str, cwd, timeout: int = 600):
+    """``script`` in a fresh interpreter that sees only stock libraries (``STOCK_ONLY``)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    return subprocess.run([sys.executable, "-c", STOCK_ONLY + script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -27,6 +27,7 @@ GATE_INITS = ("published", "random")
 QK_NORMS = ("drop", "scale")
 CONV_INITS = ("default", "identity")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_FORMATS = ("qwen3_5", "hqwen3")
 LOGGER_KINDS = ("none", "wandb")
 LOGGER_MODES = ("offline", "online")
 CHAT_OVERFLOW = ("truncate", "drop")
@@ -110,7 +111,7 @@ RULES: dict[str, Rule] = {
     "eval.heldout_rows": minimum(1), "eval.retrieval_distances": int_list(1), "eval.retrieval_samples": minimum(1),
     "eval.batch_size": minimum(1),
     "eval.chat_prompts": minimum(1), "eval.chat_max_new_tokens": minimum(1),
-    "export.dtype": choice(*EXPORT_DTYPES),
+    "export.dtype": choice(*EXPORT_DTYPES), "export.format": choice(*EXPORT_FORMATS),
     "logger.kind": choice(*LOGGER_KINDS), "logger.mode": choice(*LOGGER_MODES),
     "deepspeed.zero_stage": Rule("0, 1, 2, 3", lambda v: v in (0, 1, 2, 3), 4, choice=True),
     "deepspeed.reduce_bucket_size": minimum(1), "deepspeed.prefetch_bucket_size": minimum(1),

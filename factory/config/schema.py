@@ -137,6 +137,8 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # qwen3_5: stock transformers/vLLM load it (no code of ours); hqwen3: our classes, trust_remote_code
+    format: str = "qwen3_5"
 
 
 @dataclass

@@ -46,7 +46,20 @@ def validate_static(cfg: PrimeConfig) -> None:
     _check_stages(cfg)
     check_fields(cfg)
     _check_select(cfg)
+    _check_export_format(cfg)
     _check_long_context(cfg)
+
+
+def _check_export_format(cfg: PrimeConfig) -> None:
+    """Options the Qwen3.5 format cannot express, refused before any training when export is a stage."""
+    if "export" not in cfg.stages or cfg.export.format != "qwen3_5":
+        return
+    if cfg.init.allow_neg_eigval:
+        raise ConfigError("export.format=qwen3_5 cannot hold init.allow_neg_eigval=true (Qwen3.5's GDN has beta "
+                          "in (0, 1)); use export.format=hqwen3")
+    if cfg.init.qk_norm == "scale":
+        raise ConfigError("export.format=qwen3_5 cannot hold init.qk_norm=scale (Qwen3.5's GDN has no per-channel "
+                          "q/k scale); use export.format=hqwen3")
 
 
 def _check_long_context(cfg: PrimeConfig) -> None:

@@ -29,6 +29,8 @@ def summary_table(result: dict, recipe: str) -> str:
     kv = result["kv_cache_bytes_per_token"]
     rows.append(("KV-cache bytes / token (bf16)", f"{kv['teacher']:,}", f"{kv['student']:,}"))
     rows.append(("parameters", f"{result['parameters']['teacher']:,}", f"{result['parameters']['student']:,}"))
+    if result.get("export_format"):
+        rows.append(("export format", "", result["export_format"]))
     width = max(len(r[0]) for r in rows)
     lines = [f"# Primed hybrid vs teacher ({recipe}; GDN layers {result['gdn_layers']})", "",
              f"| {'metric'.ljust(width)} | teacher | hybrid |", f"|{'-' * (width + 2)}|---|---|"]

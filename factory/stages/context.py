@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,11 +15,21 @@ from factory.config.schema import PrimeConfig
 from factory.distributed.engine import forward_only, gathered_parameters, zero3_loading
 from factory.distributed.env import DistEnv
 from factory.models.hqwen3 import HQwen3ForCausalLM
-from factory.rundir import model_dir
+from factory.rundir import model_dir, read_stage
 
 # Which ranks run a stage: all (training), zero3 (every rank under ZeRO-3, where no rank may hold
 # the whole model; rank 0 otherwise), main (rank 0 alone).
 RANKS = ("all", "zero3", "main")
+
+
+def hqwen3_source(stage_dir: Path) -> Path:
+    """The HQwen3 model directory of a stage. A Qwen3.5-format export holds the same function in
+    stock classes (equal fp32 logits, tested), so later stages read the model it was written from."""
+    path = model_dir(stage_dir)
+    config = path / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "qwen3_5_text":
+        return hqwen3_source(Path(read_stage(stage_dir)["parent"]))
+    return path
 
 
 @dataclass
@@ -70,7 +81,7 @@ class StageContext:
         if self.parent_dir is None or not model_dir(self.parent_dir).exists():
             raise RuntimeError(f"stage '{self.name}' needs a model from the previous stage, found none in "
                                f"{self.parent_dir}")
-        return model_dir(self.parent_dir)
+        return hqwen3_source(self.parent_dir)
 
     @property
     def out_model_dir(self) -> Path:

@@ -98,10 +98,11 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
             "recurrent_state_bytes_per_sequence": recurrent_state_bytes(student.config),
             "gdn_layers": student.config.linear_layers,
             "chat": _chat(ctx, teacher, student) if "sft" in ctx.cfg.stages else None,
-            "train_seq_len": ctx.cfg.data.seq_len}
+            "train_seq_len": ctx.cfg.data.seq_len,
+            "export_format": ctx.cfg.export.format if "export" in ctx.cfg.stages else None}
 
 
 # ``stages``: chat agreement is measured when the pipeline instruction-tunes.
 STAGE = Stage("eval", run_eval, slice="eval",
               shared=(*RUN, *MODEL, "data.heldout_files", "data.chat_heldout_files", "data.text_field",
-                      "data.seq_len", "stages", *DEEPSPEED), parent="init", ranks="zero3")
+                      "data.seq_len", "stages", "export.format", *DEEPSPEED), parent="init", ranks="zero3")

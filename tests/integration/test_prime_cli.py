@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_stock_python
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -61,24 +63,26 @@ def test_primed_hybrid_recovers_the_teacher(run):
     assert result["kv_cache_bytes_per_token"]["student"] == result["kv_cache_bytes_per_token"]["teacher"] // 2
 
 
-def test_export_loads_and_generates_in_a_fresh_process_without_factory(run):
+def test_export_loads_and_generates_in_stock_transformers_without_factory(run):
+    """The default export is the Qwen3.5 text format: no trust_remote_code, no factory (fla blocked so
+    transformers' pure-torch GDN path runs on CPU; see tests.helpers.STOCK_ONLY)."""
     out, _ = run
     model_dir = out / "07-export" / "model"
     script = textwrap.dedent(f"""
-        import sys
-        sys.modules["factory"] = None  # the export must not need this package
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})
         ids = tok("The pass key is", return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
         assert out.shape[1] == ids.shape[1] + 6 or tok.eos_token_id in out[0].tolist()
         print(type(model).__name__, model.config.layer_types.count("linear_attention"))
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=model_dir, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    result = run_stock_python(script, cwd=model_dir, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["HQwen3ForCausalLM", "4"]
+    assert result.stdout.split()[-2:] == ["Qwen3_5ForCausalLM", "4"]
+    card = (model_dir / "README.md").read_text()
+    assert "from_pretrained(path)" in card and "trust_remote_code" not in card
+    assert "| export format" in (out / "summary.md").read_text() and "qwen3_5" in (out / "summary.md").read_text()
 
 
 def test_rerun_skips_complete_stages(run):
