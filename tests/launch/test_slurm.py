@@ -1,0 +1,164 @@
+"""The SLURM launcher for real, on the one-node cluster of launch/local_cluster/start.sh:
+launch/submit.sh runs the short pipeline with 2 tasks under ZeRO-3 on CPU and reproduces the
+torchrun run's per-step losses; USR1 to the batch script checkpoints every task, requeues the
+job and the requeued job resumes exactly; a task killed with -9 fails the job with one clear
+line and the next submission resumes from the last checkpoint.
+
+"Matches" means equal per-step losses (bitwise: fp32 on CPU, same ranks, same seeds) in both
+training stages, over the same steps."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch.conftest import OVERRIDES, ROOT, launch_env, losses, tail
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+CLUSTER_DIR = Path(os.environ.get("FACTORY_SLURM_DIR", "/tmp/factory-slurm"))
+JOB_TIMEOUT_S = 900
+
+
+def cluster_conf() -> str:
+    """SLURM_CONF of a running local cluster, or skip with what to do."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("SLURM not installed (sbatch not found): run launch/local_cluster/start.sh, which installs "
+                    "slurm-wlm and munge with apt-get and starts a one-node cluster")
+    conf = os.environ.get("SLURM_CONF") or str(CLUSTER_DIR / "slurm.conf")
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env={**os.environ, "SLURM_CONF": conf},
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        pytest.skip(f"no SLURM cluster answers with SLURM_CONF={conf}: start one with launch/local_cluster/start.sh "
+                    f"({tail(probe.stderr.strip(), 200)})")
+    return conf
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Submits through launch/submit.sh; cancels whatever it submitted when the module ends."""
+    conf = cluster_conf()
+    jobs: list[str] = []
+
+    class Slurm:
+        env = launch_env(SLURM_CONF=conf)
+
+        def submit(self, out: Path, *extra: str) -> str:
+            logs = out.parent / "slurm-%j.out"
+            result = subprocess.run([str(ROOT / "launch" / "submit.sh"), "--gpus", "0", "--tasks-per-node", "2",
+                                     "--cpus-per-task", "1", "--output", str(logs), "--", *OVERRIDES, *extra,
+                                     f"output_dir={out}"], cwd=ROOT, env=self.env,
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            job = re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
+            jobs.append(job)
+            return job
+
+        def job(self, job: str) -> dict[str, str]:
+            text = subprocess.run(["scontrol", "show", "job", job], env=self.env, capture_output=True,
+                                  text=True, timeout=30).stdout
+            return dict(re.findall(r"(\w+)=(\S*)", text))
+
+        def log(self, out: Path, job: str) -> str:
+            path = out.parent / f"slurm-{job}.out"
+            return path.read_text(errors="replace") if path.exists() else ""
+
+        def wait(self, out: Path, job: str, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) -> dict:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while time.monotonic() < deadline:
+                info = self.job(job)
+                if info.get("JobState") in until:
+                    return info
+                # A requeued job waits about 2 minutes before it is eligible again (SLURM's own
+                # cool-off); start it now, as an idle real cluster would after that wait.
+                if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=self.env,
+                                   capture_output=True, timeout=30)
+                time.sleep(1)
+            pytest.fail(f"job {job} still {self.job(job).get('JobState')} after {JOB_TIMEOUT_S} s:\n"
+                        f"{tail(self.log(out, job))}")
+
+        def task_pid(self, job: str, rank: int) -> int:
+            rows = subprocess.run(["scontrol", "listpids", job], env=self.env, capture_output=True, text=True,
+                                  timeout=30).stdout.splitlines()
+            for row in rows[1:]:
+                pid, _, step, _, global_id = (row.split() + [""] * 5)[:5]
+                if step == "0" and global_id == str(rank):
+                    return int(pid)
+            raise AssertionError(f"no task of rank {rank} in job {job}:\n" + "\n".join(rows))
+
+    yield Slurm()
+    if jobs:
+        subprocess.run(["scancel", *jobs], env=Slurm.env, capture_output=True, timeout=30)
+
+
+def wait_while_running(slurm, out: Path, job: str, done, what: str) -> None:
+    """Until ``done()``; fails if the job ends first."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not done():
+        state = slurm.job(job).get("JobState")
+        if state not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
+            pytest.fail(f"job {job} is {state} before {what}:\n{tail(slurm.log(out, job))}")
+        time.sleep(0.2)
+
+
+def steps_logged(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_submitted_job_completes_with_the_torchrun_losses(slurm, reference, tmp_path):
+    out = tmp_path / "run"
+    job = slurm.submit(out)
+    info = slurm.wait(out, job)
+    log = slurm.log(out, job)
+    assert info["JobState"] == "COMPLETED", tail(log)
+    assert "2 tasks on" in log and "rendezvous" in log
+    assert losses(out) == reference
+    assert '"world_size": 2' in (out / "04-distill" / "stage.json").read_text()
+
+
+def test_usr1_checkpoints_every_task_requeues_and_resumes_exactly(slurm, reference, tmp_path):
+    out = tmp_path / "run"
+    job = slurm.submit(out, "checkpoint.every_steps=0", "checkpoint.keep_after_stage=true")
+    wait_while_running(slurm, out, job, lambda: steps_logged(out / "03-align" / "metrics.jsonl") >= 1,
+                       "align's first step")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True, timeout=30)
+    info = slurm.wait(out, job)
+    log = slurm.log(out, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", tail(log)
+    assert "preempted (exit 138): checkpoint written; requeueing" in log
+    assert len(re.findall(r"task \d: Exited with exit code 138", log)) == 2, tail(log)  # every task stopped
+    resumed = re.search(r"\[(align|distill)\] resumed from (checkpoint-\d+)", log)
+    assert resumed, tail(log)
+    stage = "03-align" if resumed.group(1) == "align" else "04-distill"
+    checkpoint = out / stage / "checkpoints" / resumed.group(2)
+    assert {p.name for p in checkpoint.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    assert int(resumed.group(2).split("-")[1]) < len(reference[stage])  # stopped mid-stage
+    assert losses(out) == reference
+
+
+def test_task_killed_with_9_fails_the_job_and_resubmission_resumes(slurm, reference, tmp_path):
+    out = tmp_path / "run"
+    args = ("checkpoint.every_steps=2",)
+    job = slurm.submit(out, *args)
+    latest = out / "03-align" / "checkpoints" / "latest"
+    wait_while_running(slurm, out, job, latest.exists, "align's first checkpoint")
+    os.kill(slurm.task_pid(job, rank=1), 9)
+    info = slurm.wait(out, job)
+    log = slurm.log(out, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", tail(log)
+    assert re.search(r"^error: the run failed with exit code \d+ \(not a checkpointed stop\)", log, re.M), tail(log)
+    assert not (out / "03-align" / "stage.json").exists()
+    saved = latest.read_text().strip()
+
+    again = slurm.submit(out, *args)
+    info = slurm.wait(out, again)
+    log = slurm.log(out, again)
+    assert info["JobState"] == "COMPLETED", tail(log)
+    assert f"[align] resumed from {saved}" in log, tail(log)
+    assert losses(out) == reference
