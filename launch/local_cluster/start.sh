@@ -99,7 +99,7 @@ else
   write_conf
   export SLURM_CONF=$dir/slurm.conf
   start_munge
-  slurmctld -f "$SLURM_CONF" -i
+  slurmctld -f "$SLURM_CONF" -c  # -c: no jobs from an earlier cluster in this directory
   slurmd -f "$SLURM_CONF" -N "$node"
 fi
 export SLURM_CONF=$dir/slurm.conf

@@ -21,38 +21,44 @@ import pytest
 from tests.launch.conftest import OVERRIDES, ROOT, launch_env, losses, tail
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-CLUSTER_DIR = Path(os.environ.get("FACTORY_SLURM_DIR", "/tmp/factory-slurm"))
-JOB_TIMEOUT_S = 900
+LOCAL_CONF = Path(os.environ.get("FACTORY_SLURM_DIR", "/tmp/factory-slurm")) / "slurm.conf"
+# On a real cluster: extra launch/submit.sh options (e.g. "--partition debug --time 00:30:00") and
+# a longer wait for busy queues.
+SUBMIT_ARGS = os.environ.get("FACTORY_TEST_SUBMIT_ARGS", "").split()
+JOB_TIMEOUT_S = int(os.environ.get("FACTORY_TEST_JOB_TIMEOUT_S", "900"))
 
 
-def cluster_conf() -> str:
-    """SLURM_CONF of a running local cluster, or skip with what to do."""
+def cluster_env() -> dict:
+    """The environment that reaches a cluster: SLURM_CONF as set, else the local cluster's if it exists,
+    else the site's default; skips with what to do when no cluster answers."""
     if shutil.which("sbatch") is None:
-        pytest.skip("SLURM not installed (sbatch not found): run launch/local_cluster/start.sh, which installs "
-                    "slurm-wlm and munge with apt-get and starts a one-node cluster")
-    conf = os.environ.get("SLURM_CONF") or str(CLUSTER_DIR / "slurm.conf")
-    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env={**os.environ, "SLURM_CONF": conf},
-                           capture_output=True, text=True, timeout=30)
+        pytest.skip("SLURM not installed (sbatch not found): run launch/local_cluster/start.sh (make slurm-up), "
+                    "which installs slurm-wlm and munge with apt-get and starts a one-node cluster")
+    conf = os.environ.get("SLURM_CONF") or (str(LOCAL_CONF) if LOCAL_CONF.exists() else None)
+    env = launch_env(**({"SLURM_CONF": conf} if conf else {}))
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=30)
     if probe.returncode != 0 or not probe.stdout.strip():
-        pytest.skip(f"no SLURM cluster answers with SLURM_CONF={conf}: start one with launch/local_cluster/start.sh "
-                    f"({tail(probe.stderr.strip(), 200)})")
-    return conf
+        pytest.skip(f"no SLURM cluster answers (SLURM_CONF={conf or 'default'}): start the local one with "
+                    f"launch/local_cluster/start.sh ({tail(probe.stderr.strip(), 200)})")
+    return env
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     """Submits through launch/submit.sh; cancels whatever it submitted when the module ends."""
-    conf = cluster_conf()
     jobs: list[str] = []
 
     class Slurm:
-        env = launch_env(SLURM_CONF=conf)
+        env = cluster_env()
+
+        def run(self, *cmd: str) -> str:
+            return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60).stdout
 
         def submit(self, out: Path, *extra: str) -> str:
             logs = out.parent / "slurm-%j.out"
             result = subprocess.run([str(ROOT / "launch" / "submit.sh"), "--gpus", "0", "--tasks-per-node", "2",
-                                     "--cpus-per-task", "1", "--output", str(logs), "--", *OVERRIDES, *extra,
-                                     f"output_dir={out}"], cwd=ROOT, env=self.env,
+                                     "--cpus-per-task", "1", "--output", str(logs), *SUBMIT_ARGS, "--", *OVERRIDES,
+                                     *extra, f"output_dir={out}"], cwd=ROOT, env=self.env,
                                     capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr
             job = re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
@@ -60,37 +66,34 @@ def slurm(tmp_path_factory):
             return job
 
         def job(self, job: str) -> dict[str, str]:
-            text = subprocess.run(["scontrol", "show", "job", job], env=self.env, capture_output=True,
-                                  text=True, timeout=30).stdout
-            return dict(re.findall(r"(\w+)=(\S*)", text))
+            return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", job)))
 
         def log(self, out: Path, job: str) -> str:
             path = out.parent / f"slurm-{job}.out"
             return path.read_text(errors="replace") if path.exists() else ""
 
-        def wait(self, out: Path, job: str, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) -> dict:
+        def wait(self, out: Path, job: str) -> dict:
             deadline = time.monotonic() + JOB_TIMEOUT_S
             while time.monotonic() < deadline:
                 info = self.job(job)
-                if info.get("JobState") in until:
+                if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
                     return info
                 # A requeued job waits about 2 minutes before it is eligible again (SLURM's own
-                # cool-off); start it now, as an idle real cluster would after that wait.
+                # cool-off); start it now, as an idle cluster would after that wait.
                 if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=self.env,
-                                   capture_output=True, timeout=30)
+                    self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
                 time.sleep(1)
             pytest.fail(f"job {job} still {self.job(job).get('JobState')} after {JOB_TIMEOUT_S} s:\n"
                         f"{tail(self.log(out, job))}")
 
-        def task_pid(self, job: str, rank: int) -> int:
-            rows = subprocess.run(["scontrol", "listpids", job], env=self.env, capture_output=True, text=True,
-                                  timeout=30).stdout.splitlines()
-            for row in rows[1:]:
-                pid, _, step, _, global_id = (row.split() + [""] * 5)[:5]
-                if step == "0" and global_id == str(rank):
-                    return int(pid)
-            raise AssertionError(f"no task of rank {rank} in job {job}:\n" + "\n".join(rows))
+        def kill_task(self, job: str, rank: int) -> None:
+            """kill -9 of one task, run on the job's node (an overlapping step), so this works from a login node."""
+            node = self.run("scontrol", "show", "hostnames", self.job(job)["NodeList"]).split()[0]
+            script = (f"pid=$(scontrol listpids {job} | awk '$3 == 0 && $5 == {rank} {{print $1}}'); "
+                      'test -n "$pid" && kill -9 $pid && echo "killed $pid"')
+            result = subprocess.run(["srun", f"--jobid={job}", "--overlap", "-N1", "-n1", f"--nodelist={node}",
+                                     "bash", "-c", script], env=self.env, capture_output=True, text=True, timeout=60)
+            assert "killed" in result.stdout, result.stdout + result.stderr
 
     yield Slurm()
     if jobs:
@@ -148,7 +151,7 @@ def test_task_killed_with_9_fails_the_job_and_resubmission_resumes(slurm, refere
     job = slurm.submit(out, *args)
     latest = out / "03-align" / "checkpoints" / "latest"
     wait_while_running(slurm, out, job, latest.exists, "align's first checkpoint")
-    os.kill(slurm.task_pid(job, rank=1), 9)
+    slurm.kill_task(job, rank=1)
     info = slurm.wait(out, job)
     log = slurm.log(out, job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", tail(log)
