@@ -9,6 +9,7 @@ training stages, over the same steps."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -28,28 +29,38 @@ SUBMIT_ARGS = os.environ.get("FACTORY_TEST_SUBMIT_ARGS", "").split()
 JOB_TIMEOUT_S = int(os.environ.get("FACTORY_TEST_JOB_TIMEOUT_S", "900"))
 
 
-def cluster_env() -> dict:
-    """The environment that reaches a cluster: SLURM_CONF as set, else the local cluster's if it exists,
-    else the site's default; skips with what to do when no cluster answers."""
+@functools.cache
+def cluster_env() -> dict | str:
+    """The environment that reaches a cluster (SLURM_CONF as set, else the local cluster's, else the
+    site's /etc/slurm/slurm.conf), or why there is none."""
     if shutil.which("sbatch") is None:
-        pytest.skip("SLURM not installed (sbatch not found): run launch/local_cluster/start.sh (make slurm-up), "
-                    "which installs slurm-wlm and munge with apt-get and starts a one-node cluster")
-    conf = os.environ.get("SLURM_CONF") or (str(LOCAL_CONF) if LOCAL_CONF.exists() else None)
-    env = launch_env(**({"SLURM_CONF": conf} if conf else {}))
-    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=30)
+        return ("SLURM not installed (sbatch not found): run launch/local_cluster/start.sh (make slurm-up), "
+                "which installs slurm-wlm and munge with apt-get and starts a one-node cluster")
+    conf = os.environ.get("SLURM_CONF") or next((str(p) for p in (LOCAL_CONF, Path("/etc/slurm/slurm.conf"))
+                                                  if p.exists()), None)
+    if conf is None:
+        return f"no slurm.conf ({LOCAL_CONF} or /etc/slurm): start the local cluster with launch/local_cluster/start.sh"
+    env = launch_env(SLURM_CONF=conf)
+    try:
+        probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"sinfo did not answer in 30 s (SLURM_CONF={conf}): is the cluster up (launch/local_cluster/start.sh)?"
     if probe.returncode != 0 or not probe.stdout.strip():
-        pytest.skip(f"no SLURM cluster answers (SLURM_CONF={conf or 'default'}): start the local one with "
-                    f"launch/local_cluster/start.sh ({tail(probe.stderr.strip(), 200)})")
+        return (f"no SLURM cluster answers (SLURM_CONF={conf}): start the local one with launch/local_cluster/start.sh"
+                f" ({tail(probe.stderr.strip(), 200)})")
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, like `reference`, and set up before it: a skip costs no run
 def slurm():
-    """Submits through launch/submit.sh; cancels whatever it submitted when the module ends."""
+    """Submits through launch/submit.sh; cancels whatever it submitted at the end."""
+    found = cluster_env()
+    if isinstance(found, str):
+        pytest.skip(found)
     jobs: list[str] = []
 
     class Slurm:
-        env = cluster_env()
+        env = found
 
         def run(self, *cmd: str) -> str:
             return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60).stdout
