@@ -5,7 +5,7 @@
 #       model.path=/shared/Qwen3-32B deepspeed=zero3 output_dir=/shared/runs/q32-gdn50
 #
 # --gpus N: GPUs per node, one task each. --gpus 0 --tasks-per-node N: N CPU tasks per node
-# (DS_ACCELERATOR=cpu, gloo; how the tests run it). --partition, --account, --time, --qos,
+# (DS_ACCELERATOR=cpu, gloo; how the tests run it). --partition, --account, --time, --qos, --signal,
 # --cpus-per-task, --output and --job-name go to sbatch. sbatch exports this shell's
 # environment to the job (and to a requeued job).
 #
@@ -18,7 +18,7 @@ while [[ $# -gt 0 ]]; do
     --nodes) nodes="$2"; shift 2 ;;
     --gpus) gpus="$2"; shift 2 ;;
     --tasks-per-node) tasks="$2"; shift 2 ;;
-    --partition|--account|--time|--qos|--cpus-per-task|--output|--job-name) extra+=("$1=$2"); shift 2 ;;
+    --partition|--account|--time|--qos|--cpus-per-task|--output|--job-name|--signal) extra+=("$1=$2"); shift 2 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1 (use -- before pipeline overrides)" >&2; exit 2 ;;
   esac
