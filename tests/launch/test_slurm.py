@@ -159,7 +159,7 @@ def test_usr1_checkpoints_every_task_requeues_and_resumes_exactly(slurm, referen
 
 def test_task_killed_with_9_fails_the_job_and_resubmission_resumes(slurm, reference, tmp_path):
     out = tmp_path / "run"
-    args = ("checkpoint.every_steps=2",)
+    args = ("checkpoint.every_steps=1",)  # the first checkpoint leaves 5 of align's 6 steps to kill the task in
     job = slurm.submit(out, *args)
     latest = out / "03-align" / "checkpoints" / "latest"
     wait_while_running(slurm, out, job, latest.exists, "align's first checkpoint")
