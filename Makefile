@@ -1,5 +1,5 @@
 PY ?= python3
-.PHONY: install lint test test-fast test-transformers-other-end demo gpu-test bench
+.PHONY: install lint test test-fast test-transformers-other-end demo gpu-test bench slurm-up slurm-down
 
 # Where no torch is installed, the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 install:
@@ -40,3 +40,12 @@ gpu-test:
 
 bench:
 	$(PY) bench/bench_gdn_layer.py
+
+# tests/launch needs a local one-node SLURM cluster (and strace for its write audit): installed with
+# apt-get where missing and started; exit code 3 = cannot be installed here, and those tests skip.
+slurm-up:
+	launch/local_cluster/start.sh || [ $$? -eq 3 ]
+	command -v strace >/dev/null || apt-get install -y -qq --no-install-recommends strace >/dev/null || true
+
+slurm-down:
+	launch/local_cluster/stop.sh

@@ -16,7 +16,7 @@ while [[ $# -gt 0 ]]; do
     --nnodes) nnodes="$2"; shift 2 ;;
     --nproc) nproc="$2"; shift 2 ;;
     --) shift; break ;;
-    *) echo "unknown option $1 (use -- before pipeline overrides)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (use -- before pipeline overrides)" >&2; exit 2 ;;
   esac
 done
 exec torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \

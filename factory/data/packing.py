@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 IGNORE_INDEX = -100
 _LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -96,9 +97,11 @@ def packed_rows(files: list[str], tokenizer, seq_len: int, text_field: str = "te
                           batched=True, remove_columns=["text"], num_proc=num_proc if num_proc > 1 else None,
                           load_from_cache_file=False)
     rows = pack_token_lists([d for d in tokenized["ids"] if d], tokenizer.eos_token_id, seq_len)
-    if cache is not None:
+    # Rank 0 alone writes the shared cache: every rank packs the same rows, and a run directory's
+    # files have one writer (tests/launch checks it on two nodes).
+    if cache is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # ranks of one job may write it at once
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save(rows.__dict__, tmp)
         tmp.replace(cache)
     return rows
