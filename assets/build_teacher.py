@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Build the embedded tiny Qwen3 teacher, its tokenizer and the default datasets.
 
-    python assets/build_teacher.py --seed 0 --out assets/teacher
+    python assets/build_teacher.py --seed 0 --device cuda --workers 3 --out assets/teacher
 
 Steps: train a byte-level BPE tokenizer on the training plays, write the default
 datasets (assets/data/*.jsonl), train a small Qwen3ForCausalLM on corpus windows mixed
 with synthetic retrieval documents, then measure held-out loss and retrieval accuracy
-by distance and write training_report.json. Everything is drawn from --seed, and the
-run uses one CPU thread by default, so the same seed gives the same weights on the
-same machine and torch version.
+by distance and write training_report.json. Everything is drawn from --seed: each step's
+rows from (seed, step), so neither --workers nor a resume changes them. On the CPU the run
+uses one thread by default, so the same seed gives the same weights on the same machine and
+torch version; the defaults are sized for a GPU (about 1.5 minutes of training on an H200).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS", "RAYON_R
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import multiprocessing  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -54,7 +57,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 REPORT_DISTANCES = (32, 128, 256, 480, 1024, 2048)
-KINDS = syn.KINDS + ("chat", "repeat")
+KINDS = syn.KINDS + ("chat", "repeat", "drill")
+MIX_NAMES = tuple(k.upper() for k in KINDS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,23 +72,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--ffn", type=int, default=384)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="phase 2 rows per step")
     p.add_argument("--short-len", type=int, default=128, help="phase 1 row length")
-    p.add_argument("--short-batch", type=int, default=0, help="phase 1 rows per step (0: --batch)")
-    p.add_argument("--short-steps", type=int, default=4000, help="phase 1 steps (short rows)")
-    p.add_argument("--steps", type=int, default=800, help="phase 2 steps (full-length rows)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--short-mix", type=float, nargs=6, default=(0.3, 0.15, 0.15, 0.1, 0.0, 0.3),
-                   metavar=("CORPUS", "PASSKEY", "KV", "COPY", "CHAT", "REPEAT"),
-                   help="row kind shares in phase 1")
-    p.add_argument("--mix", type=float, nargs=6, default=(0.2, 0.2, 0.25, 0.1, 0.1, 0.15),
-                   metavar=("CORPUS", "PASSKEY", "KV", "COPY", "CHAT", "REPEAT"),
-                   help="row kind shares in phase 2")
+    p.add_argument("--short-batch", type=int, default=48, help="phase 1 rows per step (0: --batch)")
+    p.add_argument("--short-steps", type=int, default=1500, help="phase 1 steps (short rows)")
+    p.add_argument("--steps", type=int, default=300, help="phase 2 steps (full-length rows)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--short-mix", type=float, nargs=len(KINDS), default=(0.15, 0.1, 0.15, 0.1, 0.0, 0.15, 0.35),
+                   metavar=MIX_NAMES, help="row kind shares in phase 1")
+    p.add_argument("--mix", type=float, nargs=len(KINDS), default=(0.05, 0.15, 0.35, 0.0, 0.1, 0.0, 0.35),
+                   metavar=MIX_NAMES, help="row kind shares in phase 2")
     p.add_argument("--curriculum", type=float, default=0.3,
                    help="fraction of steps over which the max retrieval distance grows to seq-len")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that build training rows ahead of the GPU (0: in the training process); "
+                        "rows are seeded per step, so the count never changes the result")
     p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--probe-heldout", type=int, default=50,
+                   help="held-out documents scored at every log step (0: none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
@@ -190,40 +197,114 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class RowSampler:
-    """Rows of exactly ``length`` tokens: corpus windows, retrieval documents, chats and
-    repeated random segments (which only copying can predict)."""
+    """Rows of exactly ``length`` tokens: corpus windows, retrieval documents, chats, key-value
+    drills and repeated random segments (which only copying can predict).
+
+    Each step's rows come from their own seeded generators, so a step's batch depends on the seed
+    and the step alone: a resumed build needs no sampler state, and rows can be built in other
+    processes (``--workers``) without changing them."""
 
     def __init__(self, args, tokenizer, filler: syn.Filler, corpus_ids: list[int]):
-        self.rng = random.Random(f"{args.seed}/train-rows")
+        self.seed = args.seed
         self.tok, self.filler, self.ids = tokenizer, filler, corpus_ids
         self.eos = tokenizer.convert_tokens_to_ids(EOS)
 
-    def batch(self, n: int, length: int, mix, max_distance: int) -> torch.Tensor:
-        kinds = self.rng.choices(KINDS, weights=mix, k=n)
-        return torch.tensor([self.row(k, length, max_distance) for k in kinds])
+    def batch(self, step: int, n: int, length: int, mix, max_distance: int) -> list[list[int]]:
+        kinds = random.Random(f"{self.seed}/rows/{step}").choices(KINDS, weights=mix, k=n)
+        return [self.row(random.Random(f"{self.seed}/rows/{step}/{i}"), k, length, max_distance)
+                for i, k in enumerate(kinds)]
 
-    def row(self, kind: str, length: int, max_distance: int) -> list[int]:
+    def row(self, rng: random.Random, kind: str, length: int, max_distance: int) -> list[int]:
         if kind == "corpus":
-            return self.window(length)
+            return self.window(rng, length)
         if kind == "repeat":
-            seg = self.rng.choice((16, 32, 64))
-            ids = [self.rng.randrange(len(SPECIALS), len(self.tok)) for _ in range(seg)]
+            seg = rng.choice((16, 32, 64))
+            ids = [rng.randrange(len(SPECIALS), len(self.tok)) for _ in range(seg)]
             return (ids * (length // seg + 1))[:length]
         if kind == "chat":
-            text = self.tok.apply_chat_template(chat_conversation(self.rng, self.filler),
-                                                tokenize=False)
+            text = self.tok.apply_chat_template(chat_conversation(rng, self.filler), tokenize=False)
             ids = self.encode(text)[: length - 1] + [self.eos]
-            return ids + self.window(length - len(ids))
-        doc = syn.training_document(self.rng, self.filler, kind, length, max_distance)
+            return ids + self.window(rng, length - len(ids))
+        if kind == "drill":
+            doc = kv_drill(rng, self.filler, length, max_distance)
+        else:
+            doc = syn.training_document(rng, self.filler, kind, length, max_distance)
         ids = self.encode(doc)[:length]
-        return ids + self.window(length - len(ids))
+        return ids + self.window(rng, length - len(ids))
 
-    def window(self, n: int) -> list[int]:
-        start = self.rng.randrange(len(self.ids) - n)
+    def window(self, rng: random.Random, n: int) -> list[int]:
+        start = rng.randrange(len(self.ids) - n)
         return self.ids[start : start + n]
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
+
+
+def kv_drill(rng: random.Random, filler: syn.Filler, length: int, max_distance: int) -> str:
+    """Key-value recall as dense as a row allows: several facts (distractors for each other, even
+    in a 128-token row), a gap from zero tokens up, then some of the keys asked in a random order,
+    each answered in place (few questions leave room for a long gap). Matching a key of several tokens is what the eval's key-value task
+    needs and what copying alone does not teach."""
+    n = rng.randint(2, max(2, min(8, length // 24)))
+    keys: list[str] = []
+    while len(keys) < n:
+        key = syn.random_key(rng)
+        keys += [] if key in keys else [key]
+    values = [syn.random_digits(rng, 4) for _ in keys]
+    block = "".join(syn.kv_fact(k, v) + "\n" for k, v in zip(keys, values)) + "\n"
+    asked = rng.sample(range(n), rng.randint(1, n))
+    questions = "".join(syn.kv_question(keys[i]) + " " + values[i] + ".\n" for i in asked)
+    room = length - filler.count(block) - filler.count(questions) - 8
+    gap = rng.randint(0, max(0, min(max_distance, room)))
+    prefix = rng.randint(0, max(0, room - gap))
+    text = (filler.take(rng, prefix) if prefix else "") + block + (filler.take(rng, gap) if gap else "")
+    return text + questions + "\n" + filler.take(rng, 16)
+
+
+_STREAM_SAMPLER: RowSampler | None = None  # the forked workers' copy
+
+
+def _stream_batch(request):
+    return _STREAM_SAMPLER.batch(*request)
+
+
+class BatchStream:
+    """The batches of steps ``start`` .. ``total - 1`` in order, built ``--workers`` processes ahead
+    of the training step (or in this process with no workers)."""
+
+    def __init__(self, sampler: RowSampler, args, start: int, total: int):
+        global _STREAM_SAMPLER
+        self.sampler, self.args, self.next, self.total = sampler, args, start, total
+        self.pool, self.pending = None, collections.deque()
+        if args.workers > 0:
+            _STREAM_SAMPLER = sampler
+            self.pool = multiprocessing.get_context("fork").Pool(args.workers)
+            for _ in range(4 * args.workers):
+                self._submit()
+
+    def request(self, step: int):
+        args = self.args
+        short = step < args.short_steps
+        length, mix = (args.short_len, args.short_mix) if short else (args.seq_len, args.mix)
+        rows = (args.short_batch or args.batch) if short else args.batch
+        return step, rows, length, mix, max_distance_at(step, args)
+
+    def _submit(self) -> None:
+        if self.next < self.total:
+            self.pending.append(self.pool.apply_async(_stream_batch, (self.request(self.next),)))
+            self.next += 1
+
+    def get(self, step: int) -> torch.Tensor:
+        """The token rows of ``step``, [rows, length]."""
+        if self.pool is None:
+            return torch.tensor(self.sampler.batch(*self.request(step)))
+        rows = self.pending.popleft().get()
+        self._submit()
+        return torch.tensor(rows)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
 
 
 def lr_at(step: int, args) -> float:
@@ -245,7 +326,7 @@ def max_distance_at(step: int, args) -> int:
     return int(64 + frac * (args.seq_len - 32 - 64))
 
 
-def train(model, sampler: RowSampler, tokenizer, args) -> list[dict] | None:
+def train(model, sampler: RowSampler, tokenizer, heldout: list[str], args) -> list[dict] | None:
     """Phase 1: short rows, heavy in copying (repeats, retrieval at short distances), so
     a deep model finds induction heads within the budget while learning the text. Phase 2:
     full-length rows with retrieval out to the training length.
@@ -257,45 +338,47 @@ def train(model, sampler: RowSampler, tokenizer, args) -> list[dict] | None:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    start, log = load_state(args.state, model, opt, sampler) if args.state else (0, [])
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=torch.device(args.device).type == "cuda")
+    start, log = load_state(args.state, model, opt) if args.state else (0, [])
     t0, running = time.time(), 0.0
     model.train()
     total = args.short_steps + args.steps
-    for step in range(start, total):
-        short = step < args.short_steps
-        length, mix = (args.short_len, args.short_mix) if short else (args.seq_len, args.mix)
-        rows = (args.short_batch or args.batch) if short else args.batch
-        ids = sampler.batch(rows, length, mix, max_distance_at(step, args))
-        running += train_step(model, opt, ids, lr_at(step, args), args)
-        if (step + 1) % args.log_every == 0 or step + 1 == total:
-            log.append(progress_entry(model, tokenizer, args, step, running, t0))
-            running = 0.0
-            if args.state:
-                save_state(args.state, model, opt, sampler, step + 1, log)
-            if args.max_minutes and time.time() - t0 > 60 * args.max_minutes and step + 1 < total:
-                print(f"stopped after step {step + 1} of {total} (--max-minutes); state in {args.state}", flush=True)
-                return None
+    stream = BatchStream(sampler, args, start, total)
+    try:
+        for step in range(start, total):
+            running += train_step(model, opt, stream.get(step), lr_at(step, args), args)
+            if (step + 1) % args.log_every == 0 or step + 1 == total:
+                log.append(progress_entry(model, tokenizer, heldout, args, step, running, t0))
+                running = 0.0
+                if args.state:
+                    save_state(args.state, model, opt, step + 1, log)
+                if args.max_minutes and time.time() - t0 > 60 * args.max_minutes and step + 1 < total:
+                    print(f"stopped after step {step + 1} of {total} (--max-minutes); state in {args.state}",
+                          flush=True)
+                    return None
+    finally:
+        stream.close()
     return log
 
 
-def save_state(path: Path, model, opt, sampler: RowSampler, step: int, log: list[dict]) -> None:
-    """Everything a resumed build needs to continue exactly: weights, optimizer, row sampler, RNG."""
+def save_state(path: Path, model, opt, step: int, log: list[dict]) -> None:
+    """Everything a resumed build needs to continue exactly: weights, optimizer, step (which fixes
+    the rows to come), RNG."""
     state = {"step": step, "log": log, "model": model.state_dict(), "opt": opt.state_dict(),
-             "sampler": sampler.rng.getstate(), "torch_rng": torch.get_rng_state(),
+             "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path.with_suffix(".partial"))
     os.replace(path.with_suffix(".partial"), path)
 
 
-def load_state(path: Path, model, opt, sampler: RowSampler) -> tuple[int, list[dict]]:
+def load_state(path: Path, model, opt) -> tuple[int, list[dict]]:
     if not path.exists():
         return 0, []
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
-    sampler.rng.setstate(state["sampler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -315,17 +398,20 @@ def train_step(model, opt, ids: torch.Tensor, lr: float, args) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return loss.item()
+    return loss.detach()  # read at log steps only: a read every step would stall the GPU queue
 
 
-def progress_entry(model, tokenizer, args, step, running, t0) -> dict:
-    """Loss since the last entry, plus a small retrieval probe near and far."""
+def progress_entry(model, tokenizer, heldout, args, step, running, t0) -> dict:
+    """Loss since the last entry, held-out loss on a few documents, and a small retrieval probe
+    near and far."""
     n = (step % args.log_every) + 1
     near, far = 64, args.seq_len - 32
     acc = retrieval_accuracy(model, tokenizer, [near, far], 16, seed=10_000 + step,
                              device=args.device)
-    entry = {"phase": 1 if step < args.short_steps else 2, "step": step + 1, "train_loss": round(running / n, 4),
+    entry = {"phase": 1 if step < args.short_steps else 2, "step": step + 1, "train_loss": round(float(running) / n, 4),
              "elapsed_s": round(time.time() - t0, 1)}
+    if args.probe_heldout:
+        entry["heldout_loss"] = round(heldout_loss(model, tokenizer, heldout[: args.probe_heldout], args), 4)
     for task in acc:
         entry.update({f"{task}@{d}": a for d, a in acc[task].items()})
     print(json.dumps(entry), flush=True)
@@ -334,16 +420,23 @@ def progress_entry(model, tokenizer, args, step, running, t0) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, texts: list[str], args) -> float:
-    """Mean next-token loss over the held-out documents, each cut to seq_len tokens."""
+def heldout_loss(model, tokenizer, texts: list[str], args, batch: int = 16) -> float:
+    """Mean next-token loss over the held-out documents, each cut to seq_len tokens (right-padded
+    batches: under a causal model the padding is never seen, and its targets are ignored)."""
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.seq_len]
-        x = torch.tensor([ids], device=args.device)
-        logits = model(input_ids=x[:, :-1]).logits.float()
-        total += F.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
-        count += x.shape[1] - 1
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"][: args.seq_len] for t in texts]
+    for i in range(0, len(docs), batch):
+        chunk = docs[i : i + batch]
+        x = torch.full((len(chunk), max(map(len, chunk))), -100, dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            x[row, : len(ids)] = torch.tensor(ids)
+        x = x.to(args.device)
+        logits = model(input_ids=x[:, :-1].clamp(min=0)).logits.float()
+        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        count += int((x[:, 1:] != -100).sum())
+    model.train(was_training)
     return total / count
 
 
@@ -366,13 +459,13 @@ def main(argv=None) -> None:
     print(f"tokenizer {len(tokenizer)} tokens; model {n_params:,} parameters", flush=True)
     corpus_ids = tokenizer(train_text, add_special_tokens=False, verbose=False)["input_ids"]
     sampler = RowSampler(args, tokenizer, train_filler, corpus_ids)
+    heldout = [r["text"] for r in read_jsonl(args.data_out / "heldout.jsonl")]
     t_train = time.time()
-    log = train(model, sampler, tokenizer, args)
+    log = train(model, sampler, tokenizer, heldout, args)
     if log is None:
         return
     train_s = time.time() - t_train
 
-    heldout = [r["text"] for r in read_jsonl(args.data_out / "heldout.jsonl")]
     loss = heldout_loss(model, tokenizer, heldout, args)
     acc = retrieval_accuracy(model, tokenizer, REPORT_DISTANCES, args.eval_samples,
                              seed=args.seed, device=args.device)

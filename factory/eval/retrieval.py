@@ -50,7 +50,8 @@ def retrieval_accuracy(model, tokenizer, distances: Iterable[int], samples_per_d
 @torch.no_grad()
 def score_samples(model, tokenizer, samples: Sequence[Sample], device: str = "cpu",
                   max_batch_tokens: int = 32768) -> list[bool]:
-    """Per sample: does the greedy continuation of the prompt reproduce the answer?"""
+    """Per sample: does the greedy continuation of the prompt reproduce the answer? A sample is
+    anything with ``prompt`` and ``answer`` strings (users' recall items too, ``factory.eval.recall``)."""
     encoded = [encode_sample(tokenizer, s) for s in samples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

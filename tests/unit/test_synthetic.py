@@ -116,23 +116,14 @@ def test_shipped_teacher_loads_and_matches_tokenizer(tokenizer):
     assert logits.shape == (1, len(ids), len(tokenizer))
 
 
-def test_shipped_teacher_copies_the_pass_key_from_far_back(tokenizer, filler):
-    """Given the first digit, the teacher's argmax reproduces the other four from 256 tokens
-    back: attention retrieves. (Whole-key accuracy is in training_report.json; the first digit
-    is its weak spot.)"""
+def test_shipped_teacher_retrieves_at_its_training_length(tokenizer):
+    """The embedded teacher answers key-value recall and passkey from far back inside its training
+    length (512), or no test could see what priming loses (assets/README.md has the full table)."""
     from transformers import AutoModelForCausalLM
 
-    from factory.eval.retrieval import encode_sample
-
     model = AutoModelForCausalLM.from_pretrained(TEACHER).eval()
-    hits = []
-    for s in syn.make_samples("passkey", random.Random(11), filler, 256, 12):
-        ids, n = encode_sample(tokenizer, s)
-        with torch.no_grad():
-            pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
-        start = len(ids) - n + 2  # after the space and the first digit
-        hits += (pred[start - 1 : len(ids) - 1] == torch.tensor(ids[start:])).tolist()
-    assert sum(hits) / len(hits) >= 0.8
+    acc = retrieval_accuracy(model, tokenizer, [64, 352], 16, seed=5)
+    assert min(acc["kv"].values()) >= 0.8 and min(acc["passkey"].values()) >= 0.95, acc
 
 
 def test_shipped_datasets_are_disjoint_and_well_formed():
