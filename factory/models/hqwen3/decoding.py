@@ -186,7 +186,7 @@ class Decoder:
             if self.graph is None:
                 self._capture()
             self.graph.replay()
-            logits = self.logits
+            logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
         c.length += 1
         return logits
 
