@@ -29,8 +29,8 @@ def assets(tmp_path_factory):
     return make_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
-def config(assets, out: Path, **overrides):
-    return tiny_pipeline_config(assets, out, stages=STAGES, steps=STEPS, **overrides)
+def config(assets, out: Path, steps: int = STEPS, **overrides):
+    return tiny_pipeline_config(assets, out, stages=STAGES, steps=steps, **overrides)
 
 
 def losses(run: Path) -> dict[int, float]:
