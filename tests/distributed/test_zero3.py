@@ -108,6 +108,18 @@ def test_exact_resume_after_kill_9(assets, straight, tmp_path):
     assert losses(out, "04-distill") == losses(straight, "04-distill")
 
 
+def test_exact_resume_of_the_shared_teacher_distill_after_kill_9(assets, straight, tmp_path):
+    out = tmp_path / "run"
+    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
+                    kill_stage="distill", **checkpointed())
+    assert killed.returncode != 0 and not (out / "04-distill" / "stage.json").exists()
+    assert (out / "04-distill" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
+    resumed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, **checkpointed())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[distill] resumed from checkpoint-00000002" in resumed.stdout
+    assert losses(out, "04-distill") == losses(straight, "04-distill")  # bitwise, fp32
+
+
 def test_elastic_resume_two_ranks_to_one(assets, straight, tmp_path):
     out = tmp_path / "run"
     killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, kill_after_step=2,
