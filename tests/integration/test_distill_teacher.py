@@ -107,3 +107,19 @@ def test_shared_resume_after_kill_9_equals_straight(assets, shared, tmp_path):
     cfg = config(assets, out, **{"checkpoint.every_steps": 2, "checkpoint.keep_after_stage": True})
     run_pipeline(cfg, "")
     assert losses(out) == losses(shared)  # bitwise, fp32 on CPU
+
+
+def test_shared_teacher_straight_after_init(assets, tmp_path):
+    """Without align, distill's parent is init's model, which already keeps the teacher attention."""
+    runs = {}
+    for teacher in ("shared", "separate"):
+        out = tmp_path / teacher
+        run_pipeline(tiny_pipeline_config(assets, out, stages=["select", "init", "distill"], steps=2,
+                                          **{"distill.teacher": teacher}), "")
+        meta = json.loads((out / "03-distill" / "stage.json").read_text())
+        assert meta["teacher"] == teacher
+        runs[teacher] = {r["step"]: r["loss"] for r in map(json.loads, (out / "03-distill" / "metrics.jsonl")
+                                                           .read_text().splitlines())}
+    assert runs["shared"].keys() == runs["separate"].keys() and len(runs["shared"]) == 2
+    for step, loss in runs["separate"].items():
+        assert runs["shared"][step] == pytest.approx(loss, rel=1e-6), step
