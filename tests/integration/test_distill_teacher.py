@@ -1,6 +1,7 @@
 """distill's shared teacher (a second stream through the student's own frozen weights) against the
-separate teacher model, on one process in fp32: the same per-step losses for trainable=gdn, with
-activation checkpointing, and after a kill -9 and resume; the saved student drops the teacher attention."""
+separate teacher model, on one process in fp32: the same per-step losses for trainable=gdn (after align
+and straight after init), with activation checkpointing, and after a kill -9 and resume; the saved
+student drops the teacher attention."""
 
 from __future__ import annotations
 
