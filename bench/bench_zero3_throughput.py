@@ -1,12 +1,14 @@
 """Training throughput under DeepSpeed ZeRO-3 (issue 5; issue 7 at the Qwen3-32B shape).
 
-Three arms, each a fresh sharded model timed for ``--steps`` optimizer steps after ``--warmup``:
+Four arms, each a fresh sharded model timed for ``--steps`` optimizer steps after ``--warmup``:
 
   align     the align stage's step: a 50% hybrid (alternate layers) that keeps the teacher attention
             in converted layers, only GDN trainable, the stage's alignment loss (``--align-loss``)
   distill   the distill stage's step: the hybrid student (``--distill-trainable``, default the
             recipe's ``gdn``; ``all`` trains the LM head, which the stage refuses under ZeRO-3),
             the all-attention teacher as a second ZeRO engine without optimizer, tiled forward KL
+  distill_shared  the distill stage's shared-teacher step (issue 17, trainable=gdn): one hybrid that keeps
+            the converted layers' attention; the teacher is a no-grad stream through it, one LM head
   baseline  the all-attention Transformer of the same shape, everything trainable, next-token loss
             (the sft/longctx step), under the same ZeRO-3 settings
 
@@ -56,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ARMS = ("align", "distill", "baseline")
+ARMS = ("align", "distill", "distill_shared", "baseline")
 GDN_CHUNK = 64  # fla's chunk size, used by the kernel FLOP count
 GOALS = {"distill_mfu_at_8k": 0.40, "scaling_1_to_4": 0.85}
 # Qwen3 shapes (config.json of Qwen/Qwen3-8B and -32B; tiny = the embedded teacher in assets/).
@@ -197,6 +199,19 @@ def arm_distill(args, run) -> dict:
             "loss_fn": distill_loss_fn(run["ctx"], run["stage"], student, teacher)}
 
 
+def arm_distill_shared(args, run) -> dict:
+    from factory.stages.distill import shared_loss_fn
+    from factory.train.trainable import select_trainable
+
+    model = build("align", args, run)  # the hybrid keeping the converted layers' attention
+    params = select_trainable(model, "gdn")
+    flops = lm_flops(model, args.seq_len)
+    teacher_forward, _ = stack_flops(model, args.seq_len, "teacher")
+    flops["teacher_forward"] = teacher_forward + 2 * _numel(model.lm_head.weight)
+    return {"model": model, "params": params, "flops": flops,
+            "loss_fn": shared_loss_fn(run["ctx"], run["stage"], model)}
+
+
 def arm_baseline(args, run) -> dict:
     from factory.stages.training import next_token_sum
     from factory.train.trainable import select_trainable
@@ -211,7 +226,8 @@ def arm_baseline(args, run) -> dict:
     return {"model": model, "params": params, "loss_fn": next_token, "flops": lm_flops(model, args.seq_len)}
 
 
-ARM_SETUP = {"align": arm_align, "distill": arm_distill, "baseline": arm_baseline}
+ARM_SETUP = {"align": arm_align, "distill": arm_distill, "distill_shared": arm_distill_shared,
+             "baseline": arm_baseline}
 
 
 class FixedRow:
@@ -414,9 +430,9 @@ def goal_lines(rows: list[dict], seq_len: int) -> list[str]:
         return "not measured" if value is None else f"{100 * value:.1f}% ({'met' if value >= goal else 'NOT met'})"
 
     lines, four = [], [r for r in rows if r["gpus"] == 4 and r["base_gpus"] == 1]
-    for row in (r for r in rows if r["arm"] == "distill"):
+    for row in (r for r in rows if r["arm"] in ("distill", "distill_shared")):
         value = row["mfu"] if seq_len == 8192 else None
-        lines.append(f"goal: stage 2 (distill) MFU >= 40% at 8K, {row['gpus']} GPU(s): "
+        lines.append(f"goal: stage 2 ({row['arm']}) MFU >= 40% at 8K, {row['gpus']} GPU(s): "
                      f"{verdict(value, GOALS['distill_mfu_at_8k'])}")
     for row in four:
         lines.append(f"goal: 1 -> 4 GPU scaling >= 85%, {row['arm']}: "

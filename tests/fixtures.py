@@ -64,8 +64,8 @@ def make_tiny_assets(root: Path, vocab_size: int = 384, num_layers: int = 4) -> 
 
 def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init", "align"), steps: int = 6,
                          **overrides):
-    from factory.config.schema import (AlignConfig, CheckpointConfig, DataConfig, EvalConfig, LongContextConfig,
-                                       ModelConfig, PrimeConfig, TrainStageConfig)
+    from factory.config.schema import (AlignConfig, CheckpointConfig, DataConfig, DistillConfig, EvalConfig,
+                                       LongContextConfig, ModelConfig, PrimeConfig, TrainStageConfig)
 
     train = dict(steps=steps, batch_size=2, log_every=1, plot=False)
     cfg = PrimeConfig(
@@ -73,7 +73,7 @@ def tiny_pipeline_config(assets: dict, output_dir: Path, stages=("select", "init
         model=ModelConfig(path=str(assets["teacher"])),
         data=DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=64,
                         chat_files=[str(assets["chat"])], chat_heldout_files=[str(assets["chat_heldout"])]),
-        align=AlignConfig(loss="layerwise", **train), distill=TrainStageConfig(**train),
+        align=AlignConfig(loss="layerwise", **train), distill=DistillConfig(**train),
         sft=TrainStageConfig(trainable="all", **train),
         longctx=LongContextConfig(trainable="gdn+norms+attention", seq_len=128, rope_theta=20000.0,
                                   max_position_embeddings=4096, data_files=[str(assets["long"])], **train),

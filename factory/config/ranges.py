@@ -33,6 +33,7 @@ LOGGER_MODES = ("offline", "online")
 CHAT_OVERFLOW = ("truncate", "drop")
 SCORE_METRICS = ("kl", "loss")
 ALIGN_LOSSES = ("layerwise", "pre_lm_head")
+DISTILL_TEACHERS = ("auto", "shared", "separate")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ RULES: dict[str, Rule] = {
     "select.trained_batch_size": minimum(1),
     "select.trained_lr": positive(),
     "init.gate_init": choice(*GATE_INITS), "init.qk_norm": choice(*QK_NORMS), "init.conv_init": choice(*CONV_INITS),
-    "align.loss": choice(*ALIGN_LOSSES),
+    "align.loss": choice(*ALIGN_LOSSES), "distill.teacher": choice(*DISTILL_TEACHERS),
     **{f"{stage}.{key}": rule for stage in TRAIN_STAGES for key, rule in TRAIN.items()
        if key in _fields(stage)},
     **{f"{stage}.optim.{key}": rule for stage in TRAIN_STAGES for key, rule in OPTIM.items()},

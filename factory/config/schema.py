@@ -111,6 +111,14 @@ class TrainStageConfig(TrainingConfig):
 
 
 @dataclass
+class DistillConfig(TrainStageConfig):
+    """Stage 2: the teacher is a second stream through the student's own frozen weights (``shared``:
+    trainable=gdn leaves every teacher weight frozen) or a second model (``separate``)."""
+
+    teacher: str = "auto"  # auto (shared when trainable=gdn) | shared | separate
+
+
+@dataclass
 class LongContextConfig(TrainStageConfig):
     """Stage 3: longer rows, RoPE theta raised, sequence parallel across ``sp_degree`` ranks."""
 
@@ -189,7 +197,7 @@ class PrimeConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     init: InitConfig = field(default_factory=InitConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
-    distill: TrainStageConfig = field(default_factory=TrainStageConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     longctx: LongContextConfig = field(default_factory=lambda: LongContextConfig(trainable="gdn+norms+attention"))
     sft: TrainStageConfig = field(default_factory=lambda: TrainStageConfig(trainable="all"))
     eval: EvalConfig = field(default_factory=EvalConfig)

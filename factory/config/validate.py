@@ -48,6 +48,14 @@ def validate_static(cfg: PrimeConfig) -> None:
     _check_select(cfg)
     _check_export_format(cfg)
     _check_long_context(cfg)
+    _check_distill_teacher(cfg)
+
+
+def _check_distill_teacher(cfg: PrimeConfig) -> None:
+    """The shared teacher is the student's own weights: only GDN may train, or the teacher would drift."""
+    if "distill" in cfg.stages and cfg.distill.teacher == "shared" and cfg.distill.trainable != "gdn":
+        raise ConfigError(f"distill.teacher=shared needs distill.trainable=gdn (now {cfg.distill.trainable}: it trains "
+                          "weights the teacher stream shares); use distill.teacher=auto or separate")
 
 
 def _check_export_format(cfg: PrimeConfig) -> None:

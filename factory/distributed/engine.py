@@ -144,7 +144,9 @@ def zero3_loading(ds: DeepSpeedConfig, precision: str):
         unset_hf_deepspeed_config()
 
 
-def gathered_parameters(params):
+def gathered_parameters(params, modifier_rank=None):
+    """Whole tensors of ZeRO-3 parameters for the block; with ``modifier_rank``, that rank's values
+    are broadcast into every rank's shards on exit."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

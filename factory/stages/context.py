@@ -102,9 +102,18 @@ class StageContext:
                 self.cfg.model.path, dtype=dtype, attn_implementation=self.cfg.model.attn_implementation)
         return model.to(self.device).eval().requires_grad_(False)
 
-    def load_hybrid(self, path: Path | None = None):
+    def load_hybrid(self, path: Path | None = None, **config):
+        """The hybrid at ``path`` (default: the parent's model); ``config`` overrides its config
+        (weights the checkpoint lacks are then left for the caller to fill)."""
         with self.sharded_loading():
             model = HQwen3ForCausalLM.from_pretrained(
                 path or self.parent_model_dir, dtype=torch.float32,
-                attn_implementation=self.cfg.model.attn_implementation)
+                attn_implementation=self.cfg.model.attn_implementation, **config)
         return model.to(self.device)
+
+    def modifying(self, params):
+        """Whole tensors of ``params`` for the block, written on rank 0: under ZeRO-3 its values are
+        broadcast into every rank's shards on exit."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        return gathered_parameters(params, modifier_rank=0)

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 -m tests.distributed.driver '<json>'
 
 The JSON holds ``tiny_pipeline_config`` arguments and optionally ``kill_after_step`` (every
-rank SIGKILLs itself right after that step's checkpoint) or ``sigterm_at_step`` (rank 0 alone
+rank SIGKILLs itself right after that step's checkpoint; in the stage named ``kill_stage`` alone, if
+given) or ``sigterm_at_step`` (rank 0 alone
 receives SIGTERM during that step, as a preempted job would).
 """
 
@@ -21,6 +22,7 @@ from tests.fixtures import tiny_pipeline_config
 def main() -> None:
     args = json.loads(sys.argv[1])
     kill_after = args.pop("kill_after_step", None)
+    kill_stage = args.pop("kill_stage", None)
     if kill_after is not None:
         from factory.train import checkpointing as callback
 
@@ -28,7 +30,7 @@ def main() -> None:
 
         def save_then_die(self, state):
             path = original(self, state)
-            if state.step == kill_after:
+            if state.step == kill_after and kill_stage in (None, self.stage_dir.name.partition("-")[2]):
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
 

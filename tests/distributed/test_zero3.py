@@ -63,6 +63,22 @@ def test_align_and_distill_run_under_zero3(straight):
     assert all(v == v for v in losses(straight, "04-distill").values())
 
 
+def test_shared_teacher_equals_the_separate_teacher_under_zero3(assets, straight, tmp_path):
+    """trainable=gdn: distill's teacher as a second stream through the partitioned student (its
+    converted layers' attention filled from the teacher checkpoint) gives the per-step losses of the
+    second-engine teacher."""
+    assert json.loads((straight / "04-distill" / "stage.json").read_text())["teacher"] == "shared"
+    out = tmp_path / "run"
+    result = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4,
+                    **{"distill.teacher": "separate"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "04-distill" / "stage.json").read_text())["teacher"] == "separate"
+    want, got = losses(out, "04-distill"), losses(straight, "04-distill")
+    assert got.keys() == want.keys() and len(got) == 4
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6), step
+
+
 def test_activation_checkpointing_under_zero3_keeps_the_losses(assets, straight, tmp_path):
     """align (its GDN branches checkpointed) and distill (whole layers) with activation checkpointing
     and every parameter partitioned (no persistence threshold): with torch's non-reentrant checkpoint
@@ -90,6 +106,18 @@ def test_exact_resume_after_kill_9(assets, straight, tmp_path):
     assert "resumed from checkpoint-00000002" in resumed.stdout
     assert losses(out, "03-align") == losses(straight, "03-align")  # bitwise, fp32
     assert losses(out, "04-distill") == losses(straight, "04-distill")
+
+
+def test_exact_resume_of_the_shared_teacher_distill_after_kill_9(assets, straight, tmp_path):
+    out = tmp_path / "run"
+    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
+                    kill_stage="distill", **checkpointed())
+    assert killed.returncode != 0 and not (out / "04-distill" / "stage.json").exists()
+    assert (out / "04-distill" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
+    resumed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, **checkpointed())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[distill] resumed from checkpoint-00000002" in resumed.stdout
+    assert losses(out, "04-distill") == losses(straight, "04-distill")  # bitwise, fp32
 
 
 def test_elastic_resume_two_ranks_to_one(assets, straight, tmp_path):

@@ -164,6 +164,9 @@ def test_ratio_outside_open_interval(ratio):
     ("device=tpu", ["'tpu'", "cuda"]),
     ("align.loss=kl", ["align.loss='kl'", "layerwise, pre_lm_head"]),
     ("distill.trainable=lora", ["'lora'", "gdn+norms"]),
+    ("distill.teacher=bigger", ["distill.teacher='bigger'", "auto, shared, separate"]),
+    ("distill.trainable=gdn+norms distill.teacher=shared", ["distill.teacher=shared needs distill.trainable=gdn"]),
+    ("distill.trainable=gdn+norms distill.teacher=auto", None),
     ("align.optim.schedule=linear", ["'linear'", "cosine, constant"]),
     ("logger=wandb", None),
     ("logger.kind=tensorboard", ["'tensorboard'", "none, wandb"]),
@@ -177,7 +180,7 @@ def test_ratio_outside_open_interval(ratio):
     ("data.chat_overflow=wrap", None),  # checked with the inputs (sft only)
 ])
 def test_static_values_are_checked(override, fragments):
-    cfg, _ = compose(["+recipe=gdn_50pct", override])
+    cfg, _ = compose(["+recipe=gdn_50pct", *override.split()])
     if fragments is None:
         validate_static(cfg)
     else:

@@ -94,9 +94,10 @@ class HQwen3DecoderLayer(GradientCheckpointingLayer):
         return target
 
     def __call__(self, *args, **kwargs):
-        if self.mixer_mode == "align":
-            # The teacher's stream needs no gradient, so checkpointing the whole layer would only
-            # recompute it; the GDN branch is checkpointed on its own (``_mix``).
+        if self.mixer_mode == "align" or not torch.is_grad_enabled():
+            # The teacher's stream needs no gradient, so checkpointing it would only keep inputs and
+            # recompute nothing useful: align checkpoints its GDN branch alone (``_mix``), and a stream
+            # under no_grad (distill's shared teacher) runs plainly.
             return nn.Module.__call__(self, *args, **kwargs)
         return super().__call__(*args, **kwargs)
 
