@@ -69,7 +69,7 @@ def _select_needs(cfg: PrimeConfig, need) -> None:
 
 def _calibration_text(cfg: PrimeConfig) -> list[str]:
     """The text files among select.calibration_files (the others hold recall items, scored on answers)."""
-    from factory.eval.recall import split_calibration_files
+    from factory.data.recall_items import split_calibration_files
 
     return split_calibration_files(cfg.select.calibration_files)[0]
 

@@ -181,7 +181,7 @@ def validate_inputs(cfg: PrimeConfig) -> None:
 def _check_recall_files(cfg: PrimeConfig) -> None:
     """The user's recall files (eval) and calibration files (select), each either text or recall items
     (``{"prompt", "answer"}``, told apart by the keys of the first record)."""
-    from factory.eval.recall import split_calibration_files, validate_recall_files
+    from factory.data.recall_items import split_calibration_files, validate_recall_files
 
     if "eval" in cfg.stages:
         validate_recall_files(cfg.eval.recall_files)

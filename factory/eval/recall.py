@@ -14,19 +14,14 @@ them up per task; ``compare_files`` does the same for the users' files.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from factory.config.errors import ConfigError
+from factory.data.recall_items import RecallItem, read_recall_file, validate_recall_files
 from factory.eval.retrieval import TASKS, retrieval_accuracy, score_samples
 
-
-@dataclass(frozen=True)
-class RecallItem:
-    prompt: str
-    answer: str
+__all__ = ["RecallItem", "by_task", "compare", "compare_files", "format_table", "read_recall_file",
+           "recall_by_distance", "recall_files_accuracy", "score_items", "validate_recall_files"]
 
 
 def recall_by_distance(model, tokenizer, distances: Iterable[int], samples_per_distance: int, seed: int,
@@ -35,68 +30,6 @@ def recall_by_distance(model, tokenizer, distances: Iterable[int], samples_per_d
     seed gives the same prompts to every model, so a teacher and its hybrid are scored alike."""
     return retrieval_accuracy(model, tokenizer, distances, samples_per_distance, seed=seed, tasks=tasks,
                               device=device, filler_text=filler_text)
-
-
-def is_recall_file(path: str | Path) -> bool:
-    """Whether a data file is in the recall format: its first record has a ``prompt`` or an ``answer``
-    key (a text file has the text field instead). Unreadable or missing files are not recall files."""
-    path = Path(path)
-    if path.suffix not in (".jsonl", ".json") or not path.is_file():
-        return False
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(row, dict) and ("prompt" in row or "answer" in row)
-    return False
-
-
-def split_calibration_files(files: Iterable[str] | None) -> tuple[list[str], list[str]]:
-    """``select.calibration_files`` as (text files, recall files): both formats are accepted."""
-    files = list(files or [])
-    recall = [f for f in files if is_recall_file(Path(f).expanduser())]
-    return [f for f in files if f not in recall], recall
-
-
-def read_recall_file(path: str | Path, key: str = "eval.recall_files") -> list[RecallItem]:
-    """The items of one recall file; any problem is one ``ConfigError`` line naming the setting
-    (``key``), the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}: {path} does not exist (expected a JSONL file of "
-                          '{"prompt": ..., "answer": ...} lines)')
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            items.append(_parse_line(path, number, line, key))
-    if not items:
-        raise ConfigError(f"{key}: {path} has no recall items")
-    return items
-
-
-def _parse_line(path: Path, number: int, line: str, key: str) -> RecallItem:
-    where = f"{key}: {path} line {number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise ConfigError(f'{where}: expected an object {{"prompt": ..., "answer": ...}}, got {type(row).__name__}')
-    for field in ("prompt", "answer"):
-        if not isinstance(row.get(field), str):
-            raise ConfigError(f"{where}: needs a string {field!r} (keys present: {', '.join(map(repr, row)) or 'none'})")
-    if not row["answer"].strip():
-        raise ConfigError(f"{where}: empty 'answer' (greedy exact match needs something to match)")
-    return RecallItem(row["prompt"], row["answer"])
-
-
-def validate_recall_files(paths: Iterable[str | Path], key: str = "eval.recall_files") -> None:
-    """Refuse, before any stage runs, a missing file, a line without prompt or answer, an empty answer."""
-    for path in paths:
-        read_recall_file(path, key)
 
 
 def score_items(model, tokenizer, items: Sequence[RecallItem], device: str = "cpu") -> float:

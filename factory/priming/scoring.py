@@ -4,8 +4,8 @@ Each candidate layer is replaced, alone, and the model is run over a small calib
 the damage is measured only where the replacement can matter: text positions at least
 ``min_distance`` tokens into their document, and the answer tokens of retrieval samples whose
 fact sits beyond the window (or, when ``calibration_files`` hold ``{"prompt", "answer"}`` recall
-items, the answer tokens of those items instead of synthetic ones). Damage is forward KL to the teacher's logits (``metric=kl``) or
-the increase of next-token loss (``metric=loss``); lower damage = safer to convert.
+items, the answer tokens of those items instead of synthetic ones). Damage is forward KL to the
+teacher's logits (``metric=kl``) or the increase of next-token loss (``metric=loss``); lower damage = safer to convert.
 
 Replacements:
 - ``swa``: the layer's attention sees only the last ``window`` tokens (an extra mask put on
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from factory.config.schema import DataConfig, InitConfig, OptimConfig, SelectConfig
 from factory.data.packing import IGNORE_INDEX, packed_rows
 from factory.distill.losses import forward_kl, tiled_kl_loss
+from factory.data.recall_items import read_recall_file, split_calibration_files
 from factory.data.synthetic import DEFAULT_FILLER, Filler, encode_sample, make_samples, token_counter
-from factory.eval.recall import read_recall_file, split_calibration_files
 from factory.models.hqwen3 import HQwen3ForCausalLM
 from factory.priming.init import build_hybrid_from_teacher, hybrid_config, init_gdn_from_attention, layer_generator
 from factory.train.engine import LocalEngine
