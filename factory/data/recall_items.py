@@ -47,7 +47,7 @@ def split_calibration_files(files: Iterable[str] | None) -> tuple[list[str], lis
 def read_recall_file(path: str | Path, key: str = "eval.recall_files") -> list[RecallItem]:
     """The items of one recall file; any problem is one ``ConfigError`` line naming the setting
     (``key``), the file and the line."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist (expected a JSONL file of "
                           '{"prompt": ..., "answer": ...} lines)')

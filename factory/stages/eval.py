@@ -109,7 +109,9 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
             "export_format": ctx.cfg.export.format if "export" in ctx.cfg.stages else None}
 
 
-# ``stages``: chat agreement is measured when the pipeline instruction-tunes.
+# ``stages``: chat agreement is measured when the pipeline instruction-tunes. The slice holds
+# eval.recall_files (by path, like the data files: edit a file in place and eval is reused) and the
+# warning bounds, which eval.json records for the summary.
 STAGE = Stage("eval", run_eval, slice="eval",
               shared=(*RUN, *MODEL, "data.heldout_files", "data.chat_heldout_files", "data.text_field",
                       "data.seq_len", "stages", "export.format", *DEEPSPEED), parent="init", ranks="zero3")
