@@ -60,14 +60,23 @@ def _select_needs(cfg: PrimeConfig, need) -> None:
         return
     seq_len = sel.calibration_seq_len or cfg.data.seq_len
     if sel.calibration_rows > 0 and sel.answer_weight < 1:
-        key = "select.calibration_files" if sel.calibration_files else "data.heldout_files"
+        key = "select.calibration_files" if _calibration_text(cfg) else "data.heldout_files"
         need(key, *_rows("select", seq_len, 1, "select.calibration_seq_len"))
     if sel.method == "kl_trained":
         need("data.train_files", *_rows("select", seq_len, sel.trained_batch_size,
                                         "select.trained_batch_size or select.calibration_seq_len"))
 
 
+def _calibration_text(cfg: PrimeConfig) -> list[str]:
+    """The text files among select.calibration_files (the others hold recall items, scored on answers)."""
+    from factory.data.recall_items import split_calibration_files
+
+    return split_calibration_files(cfg.select.calibration_files)[0]
+
+
 def files_of(cfg: PrimeConfig, key: str) -> list[str]:
+    if key == "select.calibration_files":
+        return _calibration_text(cfg)
     section, name = key.split(".")
     return list(getattr(getattr(cfg, section), name) or [])
 

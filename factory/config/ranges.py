@@ -112,6 +112,8 @@ RULES: dict[str, Rule] = {
     "eval.heldout_rows": minimum(1), "eval.retrieval_distances": int_list(1), "eval.retrieval_samples": minimum(1),
     "eval.batch_size": minimum(1),
     "eval.chat_prompts": minimum(1), "eval.chat_max_new_tokens": minimum(1),
+    "eval.recall_warn_ratio": between(0, 1, what="the share of the teacher's recall below which the summary warns"),
+    "eval.kl_warn": positive(),
     "export.dtype": choice(*EXPORT_DTYPES), "export.format": choice(*EXPORT_FORMATS),
     "logger.kind": choice(*LOGGER_KINDS), "logger.mode": choice(*LOGGER_MODES),
     "deepspeed.zero_stage": Rule("0, 1, 2, 3", lambda v: v in (0, 1, 2, 3), 4, choice=True),
@@ -127,7 +129,7 @@ RULES: dict[str, Rule] = {
 # coverage test requires every non-boolean field to be here or in RULES.
 UNCONSTRAINED = {"recipe", "stages", "output_dir", "model.name", "model.path", "data.text_field", "data.cache_dir",
                  "data.train_files", "data.heldout_files", "data.chat_files", "data.chat_heldout_files",
-                 "select.calibration_files", "longctx.data_files", "logger.project", "logger.run_name",
+                 "select.calibration_files", "eval.recall_files", "longctx.data_files", "logger.project", "logger.run_name",
                  "select.layers"}
 UNCONSTRAINED_PATTERNS: tuple[str, ...] = ()
 

@@ -140,6 +140,14 @@ class EvalConfig:
     batch_size: int = 8
     chat_prompts: int = 16  # held-out chat prompts whose greedy answers are compared (after sft)
     chat_max_new_tokens: int = 16
+    # The user's own recall items: JSONL of {"prompt": ..., "answer": ...}, greedy exact match.
+    recall_files: list[str] = field(default_factory=list)
+    # The summary warns when the hybrid keeps less than this share of the teacher's recall on a task.
+    recall_warn_ratio: float = 0.9
+    # ... or when KL(teacher || hybrid) per token exceeds this. 0.3: in issue 15's runs on a teacher
+    # that retrieves, the one hybrid that kept its recall (91%) had KL 0.18, every one at 0.36 or
+    # more kept at most 7%; the embedded demo's hybrid sat at 0.22-0.25 (docs/QUALITY.md, issue 3).
+    kl_warn: float = 0.3
 
 
 @dataclass

@@ -178,13 +178,29 @@ def validate_inputs(cfg: PrimeConfig) -> None:
     data_keys = [("data", "train_files"), ("data", "heldout_files")]
     if "longctx" in cfg.stages:
         data_keys.append(("longctx", "data_files"))
-    if cfg.select.calibration_files:
-        data_keys.append(("select", "calibration_files"))
     for section, key in data_keys:
         _check_data_files(f"{section}.{key}", getattr(getattr(cfg, section), key), cfg.data.text_field)
+    _check_recall_files(cfg)
     check_data_lengths(cfg, tokenizer, max(1, launched_world_size()))
     if "sft" in cfg.stages:
         _check_chat(cfg, tokenizer)
+
+
+def _check_recall_files(cfg: PrimeConfig) -> None:
+    """The user's recall files (eval) and calibration files (select), each either text or recall items
+    (``{"prompt", "answer"}``, told apart by the keys of the first record)."""
+    from factory.data.recall_items import split_calibration_files, validate_recall_files
+
+    if "eval" in cfg.stages:
+        validate_recall_files(cfg.eval.recall_files)
+    text, recall = split_calibration_files(cfg.select.calibration_files)
+    if text:
+        _check_data_files("select.calibration_files", text, cfg.data.text_field)
+    validate_recall_files([Path(f).expanduser() for f in recall], "select.calibration_files")
+    if recall and "select" in cfg.stages and cfg.select.answer_weight == 0:
+        raise ConfigError(f"select.calibration_files: {', '.join(recall)} hold recall items, scored on their "
+                          "answers, but select.answer_weight=0 leaves no weight to answers; accepted: "
+                          "select.answer_weight > 0, or text files only")
 
 
 def _check_chat(cfg: PrimeConfig, tokenizer) -> None:

@@ -8,24 +8,20 @@ continuation of the prompt must reproduce the answer's tokens):
 - JSONL files of ``{"prompt": ..., "answer": ...}``, one item a line (``eval.recall_files``). The
   answer follows the prompt directly, so it carries its own leading space (``" 4821"``).
 
-``compare`` puts a hybrid's figures beside its teacher's with the share it keeps.
+``compare`` puts a hybrid's figures beside its teacher's with the share it keeps; ``by_task`` sums
+them up per task; ``compare_files`` does the same for the users' files.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from factory.config.validate import ConfigError
+from factory.data.recall_items import RecallItem, read_recall_file, validate_recall_files
 from factory.eval.retrieval import TASKS, retrieval_accuracy, score_samples
 
-
-@dataclass(frozen=True)
-class RecallItem:
-    prompt: str
-    answer: str
+__all__ = ["RecallItem", "by_task", "compare", "compare_files", "format_table", "read_recall_file",
+           "recall_by_distance", "recall_files_accuracy", "score_items", "validate_recall_files"]
 
 
 def recall_by_distance(model, tokenizer, distances: Iterable[int], samples_per_distance: int, seed: int,
@@ -34,43 +30,6 @@ def recall_by_distance(model, tokenizer, distances: Iterable[int], samples_per_d
     seed gives the same prompts to every model, so a teacher and its hybrid are scored alike."""
     return retrieval_accuracy(model, tokenizer, distances, samples_per_distance, seed=seed, tasks=tasks,
                               device=device, filler_text=filler_text)
-
-
-def read_recall_file(path: str | Path) -> list[RecallItem]:
-    """The items of one recall file; any problem is one ``ConfigError`` line naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"eval.recall_files: {path} does not exist (expected a JSONL file of "
-                          '{"prompt": ..., "answer": ...} lines)')
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            items.append(_parse_line(path, number, line))
-    if not items:
-        raise ConfigError(f"eval.recall_files: {path} has no recall items")
-    return items
-
-
-def _parse_line(path: Path, number: int, line: str) -> RecallItem:
-    where = f"eval.recall_files: {path} line {number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise ConfigError(f'{where}: expected an object {{"prompt": ..., "answer": ...}}, got {type(row).__name__}')
-    for key in ("prompt", "answer"):
-        if not isinstance(row.get(key), str):
-            raise ConfigError(f"{where}: needs a string {key!r} (keys present: {', '.join(map(repr, row)) or 'none'})")
-    if not row["answer"].strip():
-        raise ConfigError(f"{where}: empty 'answer' (greedy exact match needs something to match)")
-    return RecallItem(row["prompt"], row["answer"])
-
-
-def validate_recall_files(paths: Iterable[str | Path]) -> None:
-    """Refuse, before any stage runs, a missing file, a line without prompt or answer, an empty answer."""
-    for path in paths:
-        read_recall_file(path)
 
 
 def score_items(model, tokenizer, items: Sequence[RecallItem], device: str = "cpu") -> float:
@@ -104,3 +63,24 @@ def format_table(comparison: dict) -> str:
             kept = "n/a" if row["kept"] is None else f"{100 * row['kept']:.0f}%"
             lines.append(f"| {task} | {d} | {row['teacher']:.2f} | {row['hybrid']:.2f} | {kept} |")
     return "\n".join(lines) + "\n"
+
+
+def by_task(comparison: dict, max_distance: int | None = None) -> dict:
+    """``{task: {"teacher", "hybrid", "kept", "distances"}}``: mean recall over the distances up to
+    ``max_distance`` (the training length: beyond it a teacher need not retrieve, and a hybrid's hits
+    there would inflate its share), or over all of them when none is that close."""
+    out = {}
+    for task, by_distance in comparison.items():
+        inside = [d for d in by_distance if max_distance is None or int(d) <= max_distance] or list(by_distance)
+        teacher = sum(by_distance[d]["teacher"] for d in inside) / len(inside)
+        hybrid = sum(by_distance[d]["hybrid"] for d in inside) / len(inside)
+        out[task] = {"teacher": teacher, "hybrid": hybrid, "kept": hybrid / teacher if teacher else None,
+                     "distances": [int(d) for d in inside]}
+    return out
+
+
+def compare_files(teacher: dict, hybrid: dict) -> dict:
+    """``{file: {"teacher", "hybrid", "kept", "items"}}`` from two ``recall_files_accuracy`` results."""
+    return {name: {"teacher": t["accuracy"], "hybrid": hybrid[name]["accuracy"],
+                   "kept": hybrid[name]["accuracy"] / t["accuracy"] if t["accuracy"] else None, "items": t["items"]}
+            for name, t in teacher.items()}

@@ -3,8 +3,9 @@
 Each candidate layer is replaced, alone, and the model is run over a small calibration set;
 the damage is measured only where the replacement can matter: text positions at least
 ``min_distance`` tokens into their document, and the answer tokens of retrieval samples whose
-fact sits beyond the window. Damage is forward KL to the teacher's logits (``metric=kl``) or
-the increase of next-token loss (``metric=loss``); lower damage = safer to convert.
+fact sits beyond the window (or, when ``calibration_files`` hold ``{"prompt", "answer"}`` recall
+items, the answer tokens of those items instead of synthetic ones). Damage is forward KL to the
+teacher's logits (``metric=kl``) or the increase of next-token loss (``metric=loss``); lower damage = safer to convert.
 
 Replacements:
 - ``swa``: the layer's attention sees only the last ``window`` tokens (an extra mask put on
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from factory.config.schema import DataConfig, InitConfig, OptimConfig, SelectConfig
 from factory.data.packing import IGNORE_INDEX, packed_rows
 from factory.distill.losses import forward_kl, tiled_kl_loss
+from factory.data.recall_items import read_recall_file, split_calibration_files
 from factory.data.synthetic import DEFAULT_FILLER, Filler, encode_sample, make_samples, token_counter
 from factory.models.hqwen3 import HQwen3ForCausalLM
 from factory.priming.init import build_hybrid_from_teacher, hybrid_config, init_gdn_from_attention, layer_generator
@@ -106,7 +108,7 @@ def build_calibration(cfg: SelectConfig, inputs: ScoringInputs) -> list[Calibrat
     parts = []
     if cfg.answer_weight < 1 and cfg.calibration_rows > 0:
         parts.append(_text_part(cfg, inputs, seq_len, min_distance))
-    if cfg.answer_weight > 0 and cfg.calibration_samples > 0:
+    if cfg.answer_weight > 0 and (cfg.calibration_samples > 0 or split_calibration_files(cfg.calibration_files)[1]):
         parts.append(_answer_part(cfg, inputs, seq_len))
     if not parts:
         raise ValueError("select: the calibration set is empty; set select.calibration_rows or "
@@ -114,8 +116,13 @@ def build_calibration(cfg: SelectConfig, inputs: ScoringInputs) -> list[Calibrat
     return parts
 
 
+def _text_files(cfg: SelectConfig, inputs: ScoringInputs) -> list[str]:
+    """Text calibration files: those of ``calibration_files`` in the text format, else the held-out files."""
+    return split_calibration_files(cfg.calibration_files)[0] or list(inputs.data.heldout_files)
+
+
 def _text_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int, min_distance: int) -> CalibrationPart:
-    files = cfg.calibration_files or inputs.data.heldout_files
+    files = _text_files(cfg, inputs)
     rows = packed_rows(files, inputs.tokenizer, seq_len, inputs.data.text_field, inputs.cache_dir)
     # Evenly spread rows: the held-out file is in document order.
     index = torch.from_numpy(np.linspace(0, len(rows) - 1, min(cfg.calibration_rows, len(rows))).round().astype(int))
@@ -125,8 +132,14 @@ def _text_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int, min_dista
 
 
 def _answer_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int) -> CalibrationPart:
-    """Retrieval samples (half kv, half passkey) whose fact is beyond the window, answers scored."""
+    """The user's recall items when ``calibration_files`` hold some (every item: the user chose them),
+    else synthetic retrieval samples (half kv, half passkey) whose fact is beyond the window; the
+    answer tokens are scored."""
     tok = inputs.tokenizer
+    recall_files = split_calibration_files(cfg.calibration_files)[1]
+    if recall_files:
+        items = [item for f in recall_files for item in read_recall_file(f, "select.calibration_files")]
+        return _answer_rows([encode_sample(tok, item) for item in items], tok, cfg.answer_weight)
     filler = Filler(DEFAULT_FILLER.read_text(), token_counter(tok))
     # Room for the prefix (<= 64 tokens), the fact and the question within seq_len; beyond the
     # window where it fits.
@@ -136,6 +149,11 @@ def _answer_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int) -> Cali
     rng = random.Random(f"select-calibration/{inputs.seed}")
     encoded = [encode_sample(tok, make_samples(("kv", "passkey")[i % 2], rng, filler, int(d), 1)[0])
                for i, d in enumerate(distances)]
+    return _answer_rows(encoded, tok, cfg.answer_weight)
+
+
+def _answer_rows(encoded: list[tuple[list[int], int]], tok, weight: float) -> CalibrationPart:
+    """Right-padded rows of (token ids, answer length) with only the answer tokens scored."""
     width = max(len(ids) for ids, _ in encoded)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -146,13 +164,14 @@ def _answer_part(cfg: SelectConfig, inputs: ScoringInputs, seq_len: int) -> Cali
         labels[row, start - 1 : len(ids) - 1] = torch.tensor(ids[start:])
     # Right padding under a causal model: real tokens never see it.
     position_ids = torch.arange(width).expand(len(encoded), width).clone()
-    return CalibrationPart("answers", input_ids, position_ids, labels, cfg.answer_weight)
+    return CalibrationPart("answers", input_ids, position_ids, labels, weight)
 
 
 def calibration_summary(parts: list[CalibrationPart], cfg: SelectConfig, inputs: ScoringInputs) -> dict:
     return {"tokens": sum(p.tokens for p in parts), "window": cfg.window, "metric": cfg.metric,
             "min_distance": cfg.window if cfg.min_distance is None else cfg.min_distance,
-            "files": list(cfg.calibration_files or inputs.data.heldout_files),
+            "files": _text_files(cfg, inputs),
+            "answers": split_calibration_files(cfg.calibration_files)[1] or "synthetic kv and passkey",
             "parts": {p.name: {"rows": p.input_ids.shape[0], "seq_len": p.input_ids.shape[1], "tokens": p.tokens,
                                "scored_positions": p.scored, "weight": p.weight} for p in parts}}
 

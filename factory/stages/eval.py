@@ -1,4 +1,5 @@
-"""``eval``: the teacher against the primed hybrid (held-out loss and KL, recall by distance, chat)."""
+"""``eval``: the teacher against the primed hybrid (recall by task and distance and on the user's recall
+files, held-out loss and KL, chat)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,28 @@ from factory.data.chat import read_conversations
 from factory.data.packing import packed_rows
 from factory.eval.chat import chat_agreement
 from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
-from factory.eval.retrieval import retrieval_accuracy
+from factory.eval.recall import by_task, compare, compare_files, recall_by_distance, recall_files_accuracy
 from factory.rundir import model_dir, read_stage
 from factory.stages.base import DEEPSPEED, MODEL, RUN, Stage
 from factory.stages.context import StageContext
 from factory.stages.training import load_student
 
 
-def _retrieval(model, ctx: StageContext) -> dict:
-    e = ctx.cfg.eval
-    return retrieval_accuracy(model, ctx.tokenizer, e.retrieval_distances, e.retrieval_samples,
-                              seed=ctx.cfg.seed, device=str(ctx.device))
+def _recall(ctx: StageContext, teacher, student) -> tuple[dict, dict]:
+    """Greedy exact-match recall of both models: the raw ``{model: {task: {distance: acc}}}`` (the
+    ``retrieval`` key that studies read) and the comparison by distance, by task and by recall file."""
+    e, raw, files = ctx.cfg.eval, {}, {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        who = "hybrid" if name == "student" else name
+        _progress(ctx, f"recall, {who}: distances {e.retrieval_distances}, {e.retrieval_samples} samples each"
+                       + (f"; {len(e.recall_files)} recall file(s)" if e.recall_files else ""))
+        raw[name] = recall_by_distance(model, ctx.tokenizer, e.retrieval_distances, e.retrieval_samples,
+                                       seed=ctx.cfg.seed, device=str(ctx.device))
+        files[name] = recall_files_accuracy(model, ctx.tokenizer, e.recall_files, str(ctx.device))
+    by_distance = compare(raw["teacher"], raw["student"])
+    return raw, {"by_task": by_task(by_distance, ctx.cfg.data.seq_len), "by_distance": by_distance,
+                 "files": compare_files(files["teacher"], files["student"]),
+                 "warn": {"recall_ratio": e.recall_warn_ratio, "kl": e.kl_warn}}
 
 
 def ancestor(stage_dir: Path, stage: str) -> Path | None:
@@ -83,12 +95,7 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
         if stage_dir is not None:
             _progress(ctx, f"held-out loss of the hybrid {what}")
         result[key] = _stage_model_metrics(ctx, teacher, rows, stage_dir)
-    retrieval = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        _progress(ctx, f"retrieval, {'hybrid' if name == 'student' else name}: distances {e.retrieval_distances}, "
-                       f"{e.retrieval_samples} samples each")
-        retrieval[name] = _retrieval(model, ctx)
-    result["retrieval"] = retrieval
+    result["retrieval"], result["recall"] = _recall(ctx, teacher, student)
     if "sft" in ctx.cfg.stages:
         _progress(ctx, f"chat: greedy answers to {e.chat_prompts} held-out prompts")
     return {**result,
@@ -102,7 +109,9 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
             "export_format": ctx.cfg.export.format if "export" in ctx.cfg.stages else None}
 
 
-# ``stages``: chat agreement is measured when the pipeline instruction-tunes.
+# ``stages``: chat agreement is measured when the pipeline instruction-tunes. The slice holds
+# eval.recall_files (by path, like the data files: edit a file in place and eval is reused) and the
+# warning bounds, which eval.json records for the summary.
 STAGE = Stage("eval", run_eval, slice="eval",
               shared=(*RUN, *MODEL, "data.heldout_files", "data.chat_heldout_files", "data.text_field",
                       "data.seq_len", "stages", "export.format", *DEEPSPEED), parent="init", ranks="zero3")

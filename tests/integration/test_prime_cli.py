@@ -47,7 +47,9 @@ def test_every_stage_completes_and_describes_itself(run):
     assert (out / "03-align" / "loss.png").exists() and (out / "04-distill" / "metrics.jsonl").exists()
     card = (out / "07-export" / "model" / "README.md").read_text()
     assert "linear_attention" not in card and "GDN" in card and "distill" in card
-    assert "| held-out loss" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| held-out loss" in summary
+    assert summary.splitlines()[4].startswith("| kv recall (mean @ 64/256 tokens)")  # recall opens the table
     assert "Primed hybrid vs teacher" in result.stdout
 
 

@@ -197,3 +197,33 @@ def test_pipeline_select_stage_states_its_share_of_priming(assets, tmp_path):
     assert len(sel.gdn_layers) == 2 and sel.share_of_priming == pytest.approx(sel.compute_flops / sel.priming_flops)
     init_model = json.loads((root / "02-init" / "model" / "config.json").read_text())
     assert [i for i, t in enumerate(init_model["layer_types"]) if t == "linear_attention"] == sel.gdn_layers
+
+
+def test_calibration_files_in_either_format(inputs, assets, tmp_path):
+    """select.calibration_files takes text files ({"text"}) and recall files ({"prompt", "answer"}), told
+    apart by their keys: text rows feed the text part, recall items the answer part, with only each
+    item's answer tokens scored (in place of the synthetic samples)."""
+    from factory.data.packing import IGNORE_INDEX
+    from factory.data.synthetic import encode_sample
+    from factory.eval.recall import RecallItem
+    from factory.priming.scoring import build_calibration
+
+    items = [RecallItem("Key ab is 12. Key cd is 7. Key ab is", " 12"), RecallItem("The passkey is 4821. It is", " 4821")]
+    recall = tmp_path / "recall.jsonl"
+    recall.write_text("".join(json.dumps({"prompt": i.prompt, "answer": i.answer}) + "\n" for i in items))
+    cfg = SelectConfig(method="gdn_proxy", calibration_files=[str(assets["heldout"]), str(recall)], **FAST)
+    text, answers = build_calibration(cfg, inputs)
+    default_text, synthetic = build_calibration(SelectConfig(method="gdn_proxy", **FAST), inputs)
+    assert torch.equal(text.input_ids, default_text.input_ids)  # the held-out file, given as a text file
+    assert answers.name == synthetic.name == "answers" and answers.input_ids.shape[0] == len(items)
+    for row, item in enumerate(items):
+        ids, n_answer = encode_sample(inputs.tokenizer, item)
+        assert answers.input_ids[row, : len(ids)].tolist() == ids
+        scored = (answers.labels[row] != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert scored == list(range(len(ids) - n_answer - 1, len(ids) - 1))  # positions predicting the answer
+        assert answers.labels[row, scored].tolist() == ids[-n_answer:]
+    only_recall = SelectConfig(method="gdn_proxy", calibration_files=[str(recall)], **FAST)
+    text_only_recall, _ = build_calibration(only_recall, inputs)
+    assert torch.equal(text_only_recall.input_ids, default_text.input_ids)  # text falls back to held-out files
+    sel = select_layers(only_recall, LAYERS, inputs)
+    assert sel.calibration["answers"] == [str(recall)] and sel.calibration["parts"]["answers"]["rows"] == 2

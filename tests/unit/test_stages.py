@@ -54,3 +54,12 @@ def test_changed_settings_name_the_key():
     assert changed_settings(stage, recorded, stage_identity(stage, new, "cpu", "fp32", "p")) == [
         "eval.batch_size: 8 -> 4", "seed: 0 -> 1"]
     assert changed_settings(stage, recorded, stage_identity(stage, old, "cpu", "fp32", "q")) == ["an earlier stage"]
+
+
+def test_recall_settings_are_eval_identity():
+    """The user's recall files and the summary's warning bounds are read by eval (eval.json records them)."""
+    base = PrimeConfig()
+    for field, value in (("recall_files", ["mine.jsonl"]), ("recall_warn_ratio", 0.8), ("kl_warn", 0.5)):
+        changed = PrimeConfig()
+        setattr(changed.eval, field, value)
+        assert [s for s in SCHEMA_STAGES if _hash(s, base) != _hash(s, changed)] == ["eval"], field

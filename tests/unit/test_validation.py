@@ -218,6 +218,28 @@ def test_chat_messages_must_be_role_content_objects(record, fragment, tmp_path, 
               "data.chat_files", f"{chat}:1", fragment)
 
 
+@pytest.mark.parametrize("key", ["eval.recall_files", "select.calibration_files"])
+@pytest.mark.parametrize("lines, fragment", [
+    (None, None),
+    ([{"prompt": "Key ab is 12. Key ab is"}], "line 1: needs a string 'answer'"),
+    ([{"prompt": "x", "answer": " 1"}, {"answer": " 2"}], "line 2: needs a string 'prompt'"),
+    ([{"prompt": "Key ab is 12. Key ab is", "answer": "  "}], "line 1: empty 'answer'"),
+])
+def test_bad_recall_file_is_one_line_before_anything_runs(key, lines, fragment, tmp_path, capsys):
+    """eval.recall_files and recall-format select.calibration_files (told from text files by their keys;
+    a missing calibration file has no format, and is refused as not found)."""
+    path = tmp_path / "recall.jsonl"
+    if lines is not None:
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    select = key.startswith("select")
+    if fragment is None:
+        fragment = "not found" if select else "does not exist"
+    extra = ["select.method=gdn_proxy"] if select else []
+    one_error(capsys, lambda: main([RECIPE, f"{key}=[{path}]", *extra, f"output_dir={tmp_path / 'run'}"]),
+              key, str(path), fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def write_texts(path: Path, words: int) -> Path:
     path.write_text(json.dumps({"text": " ".join(["the"] * words)}) + "\n")
     return path
