@@ -7,7 +7,7 @@ install:
 	$(PY) -m pip install -q -e ".[dev]"
 
 test: install lint
-	$(PY) -m pytest -q --timeout=900 tests
+	$(PY) -m pytest -q --timeout=900 --durations=25 tests
 	$(MAKE) test-transformers-other-end
 
 # The supported transformers range is TF_ENDS (pyproject.toml). The suite runs on the installed one;

@@ -62,7 +62,7 @@ def test_sigint_checkpoints_exits_130_and_the_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"[align] resumed from checkpoint-{step:08d} (step {step} of {STEPS}," in rerun.stdout
     assert f"[align] step {STEPS}/{STEPS} loss" in rerun.stdout
-    assert "[eval] retrieval, teacher" in rerun.stdout and "[eval] held-out loss and KL" in rerun.stdout
+    assert "[eval] recall, teacher" in rerun.stdout and "[eval] held-out loss and KL" in rerun.stdout
     records = [json.loads(line)["step"] for line in (out / "03-align" / "metrics.jsonl").read_text().splitlines()]
     assert records == list(range(1, STEPS + 1))
     assert "Setting accelerator" not in stderr + rerun.stderr
