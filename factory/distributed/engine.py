@@ -18,6 +18,17 @@ from factory.optim import lr_multiplier, param_groups
 ENGINE_TAG = "engine"  # DeepSpeed's own files live in <checkpoint>/engine/
 
 
+def adamw(named_params, cfg, offload: bool):
+    """torch's AdamW, or DeepSpeed's CPU AdamW (same update) when ZeRO-Offload steps the optimizer in
+    CPU memory: DeepSpeed refuses a torch optimizer there."""
+    groups = param_groups(named_params, cfg.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
 class DeepSpeedTrainEngine:
     """ZeRO engine with our AdamW and schedule. DeepSpeed averages gradients over ranks,
     accumulates over micro-batches and steps the scheduler at each accumulation boundary."""
@@ -27,8 +38,7 @@ class DeepSpeedTrainEngine:
         import deepspeed
 
         cfg = stage.optim
-        optimizer = torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2))
+        optimizer = adamw(named_params, cfg, ds.offload_optimizer)
         # Built on DeepSpeed's wrapped optimizer, whose param groups may differ from ours.
         def scheduler(wrapped):
             return torch.optim.lr_scheduler.LambdaLR(wrapped, lambda s: lr_multiplier(s, stage.steps, cfg))
