@@ -1,5 +1,12 @@
 """Tables, plots and goal verdicts of the study, written into docs/QUALITY.md.
 
+Issue 15 (results of ``run_study.py --study levers``; tables printed, figures and markdown where asked;
+QUALITY.md's section "## Levers study (issue 15)" only with --quality):
+
+    python bench/study/report.py results.json --default kl_restore --figures docs/figures --markdown levers.md
+
+Issue 4:
+
     python bench/study/report.py bench/study/results.json [--quality docs/QUALITY.md]
     # as docs/QUALITY.md was generated (tests/unit/test_study_report.py keeps the two in step):
     python bench/study/report.py bench/study/results.json --default alternate \
@@ -14,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # factory, and levers.py beside this file
 SECTION = "## Selection and initialization study (issue 4)"
 WITHIN, BEYOND, LONG = (32,), (128, 256, 480), (1024, 2048)
 DEFAULT_SIZE = (8, 8)  # select.calibration_rows, select.calibration_samples
@@ -300,12 +310,12 @@ def section(results: dict, default: str, conclusion: str, calibration: list[dict
     return "\n".join(out) + "\n" + conclusion.strip() + "\n"
 
 
-def write_quality(path: Path, text: str) -> None:
+def write_quality(path: Path, text: str, section_title: str = SECTION) -> None:
     """Replace our section (up to the next ``## `` heading) or append it; other sections stay."""
     old = path.read_text() if path.exists() else "# Quality\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        end = old.find("\n## ", start + len(SECTION))
+    if section_title in old:
+        start = old.index(section_title)
+        end = old.find("\n## ", start + len(section_title))
         old = old[:start] + (old[end + 1:] if end >= 0 else "")
     path.write_text(old.rstrip() + "\n\n" + text)
 
@@ -313,8 +323,11 @@ def write_quality(path: Path, text: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", type=Path)
-    p.add_argument("--quality", type=Path, default=ROOT / "docs" / "QUALITY.md")
-    p.add_argument("--default", default="swa_proxy", help="the selection method to evaluate the goals for")
+    p.add_argument("--quality", type=Path, help="QUALITY.md to write the section into (issue 4: docs/QUALITY.md)")
+    p.add_argument("--default", help="the selection (levers: SELECTOR or SELECTOR:LEVER) the goals are evaluated for "
+                                     "(issue 4: swa_proxy; levers: alternate)")
+    p.add_argument("--figures", type=Path, default=FIGURES, help="levers: where the figures go")
+    p.add_argument("--markdown", type=Path, help="levers: also write the section to this file")
     p.add_argument("--conclusion", type=Path, default=Path(__file__).with_name("conclusion.md"))
     p.add_argument("--calibration", type=Path, default=Path(__file__).with_name("calibration.json"))
     p.add_argument("--candidate", type=Path, help="arms run with the candidate initialization (run_study.py --set ...)")
@@ -322,15 +335,32 @@ def main(argv=None) -> None:
     p.add_argument("--goals-on-candidate", action="store_true", help="evaluate the goals on the --candidate arms")
     args = p.parse_args(argv)
     results = json.loads(args.results.read_text())
+    if results.get("study") == "levers":
+        return levers_report(results, args)
     conclusion = args.conclusion.read_text() if args.conclusion.exists() else ""
     calibration = json.loads(args.calibration.read_text()) if args.calibration.exists() else []
     candidate = None
     if args.candidate:
         candidate = {**json.loads(args.candidate.read_text()), "source": str(args.candidate)}
+    quality = args.quality or ROOT / "docs" / "QUALITY.md"
     write_figures(results)
-    write_quality(args.quality, section(results, args.default, conclusion, calibration, candidate,
-                                        args.candidate_label, args.goals_on_candidate))
-    print(f"wrote {args.quality} and {FIGURES}/study_*.png")
+    write_quality(quality, section(results, args.default or "swa_proxy", conclusion, calibration, candidate,
+                                   args.candidate_label, args.goals_on_candidate))
+    print(f"wrote {quality} and {FIGURES}/study_*.png")
+
+
+def levers_report(results: dict, args) -> None:
+    import levers
+
+    levers.write_figures(results, args.figures)
+    document = args.quality or args.markdown  # figure links are relative to the document that holds them
+    where = os.path.relpath(args.figures.resolve(), document.resolve().parent) if document else str(args.figures)
+    text = levers.section(results, args.default or "alternate", where)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.quality:
+        write_quality(args.quality, text, levers.SECTION)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from factory.config.errors import ConfigError
 from factory.config.schema import PrimeConfig
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
-SCORING = ("swa_proxy", "gdn_proxy", "kl_trained")
+SCORING = ("swa_proxy", "gdn_proxy", "kl_trained", "kl_restore")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _select_needs(cfg: PrimeConfig, need) -> None:
     if sel.calibration_rows > 0 and sel.answer_weight < 1:
         key = "select.calibration_files" if _calibration_text(cfg) else "data.heldout_files"
         need(key, *_rows("select", seq_len, 1, "select.calibration_seq_len"))
-    if sel.method == "kl_trained":
+    if sel.method in ("kl_trained", "kl_restore"):
         need("data.train_files", *_rows("select", seq_len, sel.trained_batch_size,
                                         "select.trained_batch_size or select.calibration_seq_len"))
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from factory.config.errors import ConfigError
 from factory.config.schema import TRAIN_STAGES, PrimeConfig
 
-SELECT_METHODS = ("manual", "alternate", "swa_proxy", "gdn_proxy", "kl_trained")
+SELECT_METHODS = ("manual", "alternate", "swa_proxy", "gdn_proxy", "kl_trained", "kl_restore")
 SUPPORTED_FAMILIES = ("qwen3",)
 ON_EXISTING = ("resume", "overwrite")
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     "select.calibration_batch_size": minimum(1), "select.trained_steps": minimum(1),
     "select.trained_batch_size": minimum(1),
     "select.trained_lr": positive(),
+    "select.restore_steps": minimum(0, what="an integer >= 0 (0: no retraining between rounds)"),
     "init.gate_init": choice(*GATE_INITS), "init.qk_norm": choice(*QK_NORMS), "init.conv_init": choice(*CONV_INITS),
     "align.loss": choice(*ALIGN_LOSSES), "distill.teacher": choice(*DISTILL_TEACHERS),
     **{f"{stage}.{key}": rule for stage in TRAIN_STAGES for key, rule in TRAIN.items()

@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class SelectConfig:
-    method: str = "alternate"  # manual | alternate | swa_proxy | gdn_proxy | kl_trained
+    method: str = "alternate"  # manual | alternate | swa_proxy | gdn_proxy | kl_trained | kl_restore
     ratio: float = 0.5  # share of attention layers that become GDN
     layers: Optional[list[int]] = None  # for method=manual
     # Scoring methods: damage of replacing one layer, measured on long-range tokens.
@@ -53,9 +53,10 @@ class SelectConfig:
     calibration_seq_len: Optional[int] = None  # default: data.seq_len
     calibration_samples: int = 8  # retrieval samples (kv + passkey) with the fact beyond the window
     calibration_batch_size: int = 4
-    trained_steps: int = 30  # kl_trained: distillation steps per candidate layer
+    trained_steps: int = 30  # kl_trained: distillation steps per candidate layer; kl_restore: of the all-GDN student
     trained_batch_size: int = 4
     trained_lr: float = 1.0e-3
+    restore_steps: int = 10  # kl_restore: distillation steps after each restored layer (0: train once)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from factory.config.data_checks import check_data_lengths, check_positions, iter_texts
+from factory.config.data_checks import SCORING, check_data_lengths, check_positions, iter_texts
 from factory.config.environment import check_environment, check_tokenizer_files, check_weights, launched_world_size
 from factory.config.errors import ConfigError
 from factory.config.ranges import SUPPORTED_FAMILIES, check_fields
@@ -119,9 +119,13 @@ def _check_parents(cfg: PrimeConfig) -> None:
 
 def _check_select(cfg: PrimeConfig) -> None:
     sel = cfg.select
-    if sel.method in ("swa_proxy", "gdn_proxy", "kl_trained") and not (sel.calibration_rows or sel.calibration_samples):
+    if sel.method in SCORING and not (sel.calibration_rows or sel.calibration_samples):
         raise ConfigError(f"select.method={sel.method} scores layers on calibration data, but "
                           "select.calibration_rows=0 and select.calibration_samples=0; accepted: either > 0")
+    if sel.greedy and sel.method in ("kl_trained", "kl_restore"):  # scoring would refuse it only after loading
+        why = "it restores layers in greedy rounds already" if sel.method == "kl_restore" else "it scores each layer once"
+        raise ConfigError(f"select.greedy=true with select.method={sel.method} ({why}); accepted: "
+                          "select.greedy=true with select.method=swa_proxy or gdn_proxy")
     if sel.method != "manual":
         if sel.layers is not None:
             raise ConfigError(f"select.layers={sel.layers} is only used with select.method=manual "

@@ -14,6 +14,8 @@ Replacements:
   mixers; each layer's ``mixer_mode`` picks which one runs). The probe shares the teacher's
   tensors, and a layer's GDN is built only while that layer is replaced.
 - ``kl_trained``: a hybrid with only that layer converted, distilled for a few steps.
+(``kl_restore``, in ``factory.priming.restore``, works the other way: all layers converted, attention
+restored one layer at a time.)
 
 One recording pass keeps every layer's input; scoring layer i replays the unchanged layers
 below it from that recording and runs only layers i..L-1, so a one-shot scoring costs about
@@ -309,7 +311,7 @@ def replace_layer(probe, layer: int, kind: str, window: int) -> Callable[[], Non
     """Put the replacement on one layer of the probe; returns the undo."""
     decoder = probe.model.layers[layer]
     if kind == "gdn":
-        _materialize_gdn(probe, layer)
+        materialize_gdn(probe, layer)
         decoder.mixer_mode = "student"
 
         def undo():
@@ -322,7 +324,7 @@ def replace_layer(probe, layer: int, kind: str, window: int) -> Callable[[], Non
 
 
 @torch.no_grad()
-def _materialize_gdn(probe, layer: int) -> None:
+def materialize_gdn(probe, layer: int) -> None:
     """The layer's GDN, initialized from its attention exactly as the init stage will do it."""
     decoder = probe.model.layers[layer]
     weight = decoder.self_attn.q_proj.weight
@@ -378,7 +380,7 @@ def score_proxy(cfg: SelectConfig, inputs: ScoringInputs, kind: str, n_gdn: int)
             if layer in fixed:
                 continue
             undo = replace_layer(probe, layer, kind, cfg.window)
-            scores[layer], per_part = damage(probe, teacher, parts, _with_final(current, reference), cfg.metric, bs,
+            scores[layer], per_part = damage(probe, teacher, parts, against_reference(current, reference), cfg.metric, bs,
                                              dev, compute, start=layer)
             undo()
             if round_index == 0:
@@ -395,16 +397,17 @@ def score_proxy(cfg: SelectConfig, inputs: ScoringInputs, kind: str, n_gdn: int)
                        calibration_summary(parts, cfg, inputs), compute)
 
 
-def _with_final(current: Recording, reference: Recording) -> Recording:
+def against_reference(current: Recording, reference: Recording) -> Recording:
     """Layer inputs of the current probe, damage always against the teacher's output."""
     return Recording(current.layer_inputs, reference.final)
 
 
-# ------------------------------------------------------------------ kl_trained
+# ------------------------------------------------------------------ trained scoring (kl_trained, kl_restore)
 
 
-class _CandidateRows:
-    """The rows a candidate trains on, in one seeded order (the same for every candidate layer)."""
+class TrainingRows:
+    """Training rows in one seeded order: every kl_trained candidate starts at the same rows;
+    kl_restore reads on through its rounds."""
 
     def __init__(self, rows, batch_size: int, seed: int):
         self.rows, self.batch_size, self.step = rows, batch_size, 0
@@ -416,19 +419,16 @@ class _CandidateRows:
         return self.rows.batch(index)
 
 
-def _train_one_layer(teacher, layer: int, cfg: SelectConfig, inputs: ScoringInputs, rows, compute: Compute):
-    """A hybrid with only ``layer`` converted, GDN distilled for ``cfg.trained_steps`` steps through the
-    training stages' loop and engine (AdamW, constant LR, clipped at 1) and their tiled forward KL."""
-    n = teacher.config.num_hidden_layers
-    types = ["linear_attention" if i == layer else "full_attention" for i in range(n)]
-    model = build_hybrid_from_teacher(teacher, types, inputs.init, inputs.seed, keep_teacher_attention=False)
-    model = model.to(inputs.device).requires_grad_(False)
-    named = list(model.model.layers[layer].linear_attn.named_parameters())
+def distill_gdn(model, teacher, named: list, cfg: SelectConfig, steps: int, rows: TrainingRows,
+                compute: Compute, device) -> None:
+    """Distil the ``named`` parameters of ``model`` to ``teacher`` for ``steps`` steps through the training
+    stages' loop and engine (AdamW, constant LR ``cfg.trained_lr``, clipped at 1) and their tiled forward KL;
+    they are frozen again afterwards."""
     for _, p in named:
         p.requires_grad_(True)
     optim = OptimConfig(lr=cfg.trained_lr, weight_decay=0.0, beta1=0.9, beta2=0.95, warmup_steps=0,
                         schedule="constant", grad_clip=1.0)
-    engine = LocalEngine(model, named, optim, cfg.trained_steps, precision="fp32")
+    engine = LocalEngine(model, named, optim, steps, precision="fp32")
 
     def kl(batch):
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
@@ -441,9 +441,27 @@ def _train_one_layer(teacher, layer: int, cfg: SelectConfig, inputs: ScoringInpu
         return tiled_kl_loss(hidden, target, model.lm_head.weight, teacher.lm_head.weight, batch["labels"]), {}
 
     model.train()
-    train_loop(engine, _CandidateRows(rows, cfg.trained_batch_size, inputs.seed), kl, cfg.trained_steps, 1, [],
-               inputs.device)
-    return model.eval().requires_grad_(False)
+    train_loop(engine, rows, kl, steps, 1, [], device)
+    model.eval()
+    for _, p in named:
+        p.requires_grad_(False)
+
+
+def training_rows(cfg: SelectConfig, inputs: ScoringInputs):
+    seq_len = cfg.calibration_seq_len or inputs.data.seq_len
+    return packed_rows(inputs.data.train_files, inputs.tokenizer, seq_len, inputs.data.text_field, inputs.cache_dir)
+
+
+def _train_one_layer(teacher, layer: int, cfg: SelectConfig, inputs: ScoringInputs, rows, compute: Compute):
+    """A hybrid with only ``layer`` converted, its GDN distilled for ``cfg.trained_steps`` steps."""
+    n = teacher.config.num_hidden_layers
+    types = ["linear_attention" if i == layer else "full_attention" for i in range(n)]
+    model = build_hybrid_from_teacher(teacher, types, inputs.init, inputs.seed, keep_teacher_attention=False)
+    model = model.to(inputs.device).requires_grad_(False)
+    named = list(model.model.layers[layer].linear_attn.named_parameters())
+    distill_gdn(model, teacher, named, cfg, cfg.trained_steps, TrainingRows(rows, cfg.trained_batch_size, inputs.seed),
+                compute, inputs.device)
+    return model
 
 
 def score_kl_trained(cfg: SelectConfig, inputs: ScoringInputs, n_gdn: int) -> ScoreResult:
@@ -453,8 +471,7 @@ def score_kl_trained(cfg: SelectConfig, inputs: ScoringInputs, n_gdn: int) -> Sc
     parts = build_calibration(cfg, inputs)
     compute, bs, dev, teacher = Compute(), cfg.calibration_batch_size, inputs.device, inputs.teacher
     reference = record(teacher, parts, bs, dev, compute)
-    seq_len = cfg.calibration_seq_len or inputs.data.seq_len
-    rows = packed_rows(inputs.data.train_files, inputs.tokenizer, seq_len, inputs.data.text_field, inputs.cache_dir)
+    rows = training_rows(cfg, inputs)
     scores, part_scores = {}, []
     for layer in range(teacher.config.num_hidden_layers):
         model = _train_one_layer(teacher, layer, cfg, inputs, rows, compute)

@@ -4,7 +4,8 @@
 the first layer attention (its inputs are raw embeddings, the layer least like a recurrence).
 ``swa_proxy``, ``gdn_proxy`` and ``kl_trained`` score every layer by the damage its replacement
 does on long-range tokens (``factory.priming.scoring``) and convert the least damaged ones;
-``greedy`` re-scores after fixing each choice.
+``greedy`` re-scores after fixing each choice. ``kl_restore`` (``factory.priming.restore``) goes the
+other way: every layer converted and briefly distilled, attention restored where it lowers the damage most.
 Output: ``selection.json`` and a bar chart of per-layer scores with the chosen layers marked.
 """
 
@@ -16,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from factory.config.schema import PrimeConfig, SelectConfig
+from factory.priming.restore import score_kl_restore
 from factory.priming.scoring import FLOPS_FORMULA, METRICS, score_kl_trained, score_proxy
 
-SCORING_METHODS = {"swa_proxy": "swa", "gdn_proxy": "gdn", "kl_trained": "kl_trained"}
+SCORING_METHODS = {"swa_proxy": "swa", "gdn_proxy": "gdn", "kl_trained": "kl_trained", "kl_restore": "kl_restore"}
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Selection:
     seconds: float = 0.0
     greedy: bool = False
     greedy_rounds: list[dict] = field(default_factory=list)
+    # kl_restore: per round, the damage before, with each converted layer restored, the layer restored
+    restore_rounds: list[dict] = field(default_factory=list)
     score_parts: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     priming_flops: float = 0.0  # the config's training stages, same formula
@@ -85,16 +89,19 @@ def _scored_selection(cfg: SelectConfig, num_layers: int, inputs, start: float) 
     check_scoring_config(cfg)
     n = num_gdn_layers(cfg.ratio, num_layers)
     kind = SCORING_METHODS[cfg.method]
-    result = score_kl_trained(cfg, inputs, n) if kind == "kl_trained" else score_proxy(cfg, inputs, kind, n)
+    scorers = {"kl_trained": score_kl_trained, "kl_restore": score_kl_restore}
+    result = scorers[kind](cfg, inputs, n) if kind in scorers else score_proxy(cfg, inputs, kind, n)
     params = sum(p.numel() for p in inputs.teacher.parameters())
-    label = f"damage ({'KL to teacher' if cfg.metric == 'kl' else 'loss increase'}, long-range tokens)"
+    what = "KL to teacher" if cfg.metric == "kl" else "loss increase"
+    label = (f"drop of damage ({what}) when restored alone, round 1" if kind == "kl_restore"
+             else f"damage ({what}, long-range tokens)")
     return Selection(
         cfg.method, num_layers, result.chosen, result.damage, label,
         calibration_tokens=result.calibration["tokens"], compute_tokens=round(result.compute.forward_tokens),
         backward_tokens=result.compute.backward_tokens, compute_flops=result.compute.flops(params),
         flops_formula=f"{FLOPS_FORMULA}; N={params}", seconds=time.perf_counter() - start,
         greedy=cfg.greedy, greedy_rounds=result.rounds if cfg.greedy else [], score_parts=result.parts,
-        calibration=result.calibration)
+        calibration=result.calibration, restore_rounds=result.rounds if kind == "kl_restore" else [])
 
 
 # FLOPs per token of each training stage, in units of N (teacher parameters): align runs the

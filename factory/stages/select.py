@@ -25,14 +25,15 @@ def run_select(ctx: StageContext) -> dict:
     if params:
         add_priming_share(selection, cfg, params)
     write_selection(selection, ctx.stage_dir)
+    # The cost beside the choice, for every scoring method alike: seconds, FLOPs, share of the training stages.
     print(f"[select] {selection.method}: GDN layers {selection.gdn_layers} of {num_layers}"
-          + (f"; {selection.compute_flops:.3g} FLOPs, {100 * selection.share_of_priming:.2f}% of priming"
-             if params else ""))
+          + (f"; {selection.seconds:.1f} s, {selection.compute_flops:.3g} FLOPs, "
+             f"{100 * selection.share_of_priming:.2f}% of priming" if params else ""))
     return {"gdn_layers": selection.gdn_layers, "selection_tokens": selection.compute_tokens}
 
 
-# Scoring reads the teacher, the calibration text (held-out files by default) and, for gdn_proxy and
-# kl_trained, how GDN layers are initialized and the training text.
+# Scoring reads the teacher, the calibration text (held-out files by default) and, for gdn_proxy,
+# kl_trained and kl_restore, how GDN layers are initialized and the training text.
 STAGE = Stage("select", run_select, slice="select",
               shared=(*RUN, *MODEL, "data.heldout_files", "data.train_files", "data.text_field", "data.seq_len",
                       "init"), parent=None)

@@ -100,6 +100,16 @@ def test_cli_in_process(override, fragments, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("method", ["kl_restore", "kl_trained"])
+def test_greedy_with_a_trained_method_is_one_line(method, tmp_path, capsys):
+    """Greedy refinement is for the proxies; the trained methods would refuse it only after loading
+    the teacher."""
+    one_error(capsys, lambda: main([RECIPE, f"output_dir={tmp_path / 'run'}", f"select.method={method}",
+                                    "select.greedy=true"]),
+              "select.greedy=true", f"select.method={method}", "swa_proxy or gdn_proxy")
+    assert list(tmp_path.iterdir()) == []
+
+
 def run_prime(args, cwd, **env):
     env = {**os.environ, "PYTHONPATH": str(FACTORY_ROOT), "HF_HUB_OFFLINE": "1", **env}
     return subprocess.run([sys.executable, "-m", "factory.prime", *args], cwd=cwd, env=env, capture_output=True,
