@@ -74,16 +74,18 @@ def selection_arms(seeds, ratios=RATIOS, methods=METHODS) -> list[Arm]:
             for r in ratios for m in methods for s in seeds]
 
 
-def variant_arms(seeds, variants=tuple(VARIANTS), table=VARIANTS, base=VARIANT_BASE) -> list[Arm]:
-    return [Arm(f"var-{v}-r50-s{s}", "variant", base, 0.5, s, v, list(table[v]))
+def variant_arms(seeds, variants=tuple(VARIANTS)) -> list[Arm]:
+    return [Arm(f"var-{v}-r50-s{s}", "variant", VARIANT_BASE, 0.5, s, v, list(VARIANTS[v]))
             for v in variants for s in seeds]
 
 
 def lever_arms(seeds, ratios=RATIOS, selectors=tuple(SELECTORS), variants=tuple(LEVER_VARIANTS),
                base=LEVER_BASE) -> list[Arm]:
     """Issue 15's arms, seed-major: a run cut short keeps every arm of the first seeds."""
-    arms = selection_arms(seeds, ratios, selectors) + variant_arms(seeds, variants, LEVER_VARIANTS, base)
-    return sorted(arms, key=lambda a: a.seed)
+    # The selector is in a lever arm's name: levers on another base (--variant-base) are other arms.
+    levers = [Arm(f"var-{v}-{base}-r50-s{s}", "variant", base, 0.5, s, v, list(LEVER_VARIANTS[v]))
+              for v in variants for s in seeds]
+    return sorted(selection_arms(seeds, ratios, selectors) + levers, key=lambda a: a.seed)
 
 
 def matches(arm: Arm, tokens: list[str]) -> bool:

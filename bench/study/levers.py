@@ -88,11 +88,10 @@ def cell(values: list[float], fmt: str = "{:.3f}", scale: float = 1.0) -> str:
 def teacher_table(results: dict) -> list[str]:
     t = results["teacher"]
     distances = list(next(iter(t["retrieval"].values())))
-    lines = ["| teacher | held-out loss | " + " | ".join(f"recall @{d}" for d in distances) + " |",
-             "|---|---|" + "---|" * len(distances)]
+    lines = [f"Held-out loss {t['heldout']['teacher_loss']:.4f}; training length {t.get('train_seq_len', 512)}.", "",
+             "| task | " + " | ".join(f"recall @{d}" for d in distances) + " |", "|---|" + "---|" * len(distances)]
     for task, by_distance in t["retrieval"].items():
-        lines.append(f"| {task} | {t['heldout']['teacher_loss']:.4f} | "
-                     + " | ".join(f"{by_distance[d]:.2f}" for d in distances) + " |")
+        lines.append(f"| {task} | " + " | ".join(f"{by_distance[d]:.2f}" for d in distances) + " |")
     return lines
 
 

@@ -72,7 +72,7 @@ def run_arms(arms: list, work, workers: int, results: dict, on_change, deadline:
             _record(arm, *_receive(conn, process), results, clock, time.time() - started)
             on_change()
         if time.time() >= deadline:
-            queue = [_stop(arm, process, clock) for arm, process, _ in running.values()] + queue
+            queue = _stop([(arm, process) for arm, process, _ in running.values()], clock) + queue
             running.clear()
     return queue
 
@@ -102,12 +102,16 @@ def _record(arm, status: str, value, results: dict, clock: Clock, wall_s: float)
         print(f"{clock.stamp()} {arm.name} FAILED after {wall_s:.0f}s: {value}", flush=True)
 
 
-def _stop(arm, process, clock: Clock):
-    """The arm's own process, by its id: SIGTERM, then SIGKILL after the grace period."""
-    process.terminate()
-    process.join(timeout=STOP_GRACE_S)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    print(f"{clock.stamp()} {arm.name} STOPPED at the deadline", flush=True)
-    return arm
+def _stop(arms: list, clock: Clock) -> list:
+    """The arms' own processes, by their ids: SIGTERM to all, then SIGKILL to those still alive after
+    one shared grace period."""
+    for _, process in arms:
+        process.terminate()
+    grace_end = time.time() + STOP_GRACE_S
+    for arm, process in arms:
+        process.join(timeout=max(0.0, grace_end - time.time()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+        print(f"{clock.stamp()} {arm.name} STOPPED at the deadline", flush=True)
+    return [arm for arm, _ in arms]

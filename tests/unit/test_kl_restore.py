@@ -34,7 +34,8 @@ def _inputs(assets, silent=()):
         for i in silent:
             teacher.model.layers[i].self_attn.o_proj.weight.zero_()
     data = DataConfig(train_files=[str(assets["train"])], heldout_files=[str(assets["heldout"])], seq_len=SEQ_LEN)
-    return ScoringInputs(teacher, AutoTokenizer.from_pretrained(assets["teacher"]), data, InitConfig(), seed=0)
+    return ScoringInputs(teacher, AutoTokenizer.from_pretrained(assets["teacher"]), data, InitConfig(), seed=0,
+                         cache_dir=str(assets["teacher"].parent / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def inputs(assets):
     return _inputs(assets)
 
 
-@pytest.mark.parametrize("ratio, expected", [(0.25, 1), (0.5, 2), (0.75, 3)])
+@pytest.mark.parametrize("ratio, expected", [(0.25, 1), (0.75, 3)])  # 0.5: test_deterministic
 def test_restores_the_ratios_number_of_layers(inputs, ratio, expected):
     sel = select_layers(SelectConfig(ratio=ratio, **FAST), LAYERS, inputs)
     assert len(sel.gdn_layers) == len(set(sel.gdn_layers)) == expected and len(sel.scores) == LAYERS
@@ -56,6 +57,7 @@ def test_restores_the_ratios_number_of_layers(inputs, ratio, expected):
 
 def test_deterministic(inputs):
     first, second = (select_layers(SelectConfig(ratio=0.5, **FAST), LAYERS, inputs) for _ in range(2))
+    assert len(first.gdn_layers) == 2 and len(first.restore_rounds) == 2
     assert first.gdn_layers == second.gdn_layers and first.restore_rounds == second.restore_rounds
     assert first.scores == second.scores
 
@@ -68,9 +70,9 @@ def test_the_one_layer_that_mixes_tokens_is_restored_first(assets):
     # Scores: the drop of damage when a layer alone is restored; the silent layers' trained GDNs may
     # drift a little from silence, far less than layer 2's stands in for its attention.
     assert sel.scores[2] > 0 and all(abs(sel.scores[i]) < sel.scores[2] / 4 for i in (0, 1, 3))
-    for metric in ("kl", "loss"):
-        half = select_layers(SelectConfig(ratio=0.5, metric=metric, **FAST), LAYERS, crucial)
-        assert half.restore_rounds[0]["restored"] == 2 and 2 not in half.gdn_layers
+    # Not with metric=loss: on a random teacher a GDN can lower the loss, so loss damage has either sign.
+    half = select_layers(SelectConfig(ratio=0.5, **FAST), LAYERS, crucial)
+    assert half.restore_rounds[0]["restored"] == 2 and 2 not in half.gdn_layers
 
 
 def test_student_is_init_s_hybrid_sharing_the_teacher(inputs):
@@ -110,7 +112,7 @@ def test_compute_accounting_and_training_steps(inputs, monkeypatch):
     assert sel.compute_tokens == round(calib * passes + 2 * train_tokens)
     params = sum(p.numel() for p in inputs.teacher.parameters())
     assert sel.compute_flops == pytest.approx(2 * params * (calib * passes + 2 * train_tokens) + 4 * params * train_tokens)
-    no_retrain = select_layers(SelectConfig(ratio=0.25, **{**FAST, "restore_steps": 0}), LAYERS, inputs)
+    no_retrain = select_layers(SelectConfig(ratio=0.5, **{**FAST, "restore_steps": 0}), LAYERS, inputs)
     assert no_retrain.backward_tokens == 2 * FAST["trained_batch_size"] * SEQ_LEN
     assert all(r["retrained_steps"] == 0 for r in no_retrain.restore_rounds)
 
@@ -126,7 +128,7 @@ def test_pipeline_select_stage_reports_cost(assets, tmp_path, capsys):
     sel = read_selection(root / "01-select")
     assert sel.method == "kl_restore" and len(sel.gdn_layers) == 2 and len(sel.restore_rounds) == 2
     assert sel.seconds > 0 and sel.share_of_priming == pytest.approx(sel.compute_flops / sel.priming_flops)
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[select]"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[select] kl_restore:"))
     assert f"{sel.seconds:.1f} s" in line and f"{100 * sel.share_of_priming:.2f}% of priming" in line
     saved = json.loads((root / "01-select" / "selection.json").read_text())
     assert saved["restore_rounds"][0]["damage_before"] > 0

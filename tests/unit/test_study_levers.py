@@ -26,7 +26,9 @@ def test_planned_arms_and_picking_them_by_name_group_selector_lever_or_ratio():
     assert len(plan("--arms", "kl_restore")) == 9 and len(plan("--arms", "variant")) == 15
     assert set(plan("--arms", "sel-gdn_proxy*")) == {f"sel-gdn_proxy{g}-r{r}-s{s}" for g in ("", "_greedy")
                                                     for r in (25, 50, 75) for s in (0, 1, 2)}
-    assert plan("--arms", "full_stages", "--seeds", "1") == ["var-full_stages-r50-s1"]
+    assert plan("--arms", "full_stages", "--seeds", "1") == ["var-full_stages-alternate-r50-s1"]
+    assert plan("--arms", "full_stages", "--seeds", "1", "--variant-base", "kl_restore") == [
+        "var-full_stages-kl_restore-r50-s1"]
     assert all("-r50-" in n for n in plan("--arms", "r50"))
     assert plan("--smoke") == ["sel-alternate-r50-s0"]
 
@@ -44,13 +46,13 @@ def test_lever_arms_compose_to_what_they_study(tmp_path):
     assert greedy.select.method == "gdn_proxy" and greedy.select.greedy and greedy.distill.steps == 4
     restore, _ = grid.arm_config(arms["sel-kl_restore-r50-s0"], budget, tmp_path)
     assert restore.select.method == "kl_restore" and restore.eval.retrieval_distances == list(grid.LEVER_DISTANCES)
-    full, _ = grid.arm_config(arms["var-full_stages-r50-s0"], budget, tmp_path)
+    full, _ = grid.arm_config(arms["var-full_stages-alternate-r50-s0"], budget, tmp_path)
     assert full.stages[-2:] == ["longctx", "sft"] and grid.training_stage(full) == "sft"
     assert grid.training_stage(restore) == "distill"
     for name, overrides in grid.LEVER_VARIANTS.items():
         keys = [o.split("=", 1)[0] for o in overrides]
-        if all(k in known for k in keys):
-            cfg, _ = grid.arm_config(arms[f"var-{name}-r50-s0"], budget, tmp_path)
+        if all(k in known for k in keys) and name != "full_stages":  # full_stages: composed above
+            cfg, _ = grid.arm_config(arms[f"var-{name}-alternate-r50-s0"], budget, tmp_path)
             assert cfg.select.method == grid.LEVER_BASE
 
 
@@ -74,9 +76,9 @@ def test_scheduler_stops_arms_at_the_deadline_and_keeps_the_rest(monkeypatch):
     results, saves = {"arms": {}}, []
     started = time.time()
     left = scheduler.run_arms([_Arm(0.1), _Arm(60), _Arm(0.2)], _nap, 2, results, lambda: saves.append(1),
-                              deadline=time.time() + 8, estimate_s=0.5)
+                              deadline=time.time() + 6, estimate_s=0.5)
     assert set(results["arms"]) == {"nap0.1", "nap0.2"} and len(saves) == 2
-    assert [a.name for a in left] == ["nap60"] and time.time() - started < 8 + 2 * scheduler.STOP_GRACE_S
+    assert [a.name for a in left] == ["nap60"] and time.time() - started < 6 + 2 * scheduler.STOP_GRACE_S
     # Nothing starts that the slowest arm so far says would end past the deadline.
     results = {"arms": {}}
     left = scheduler.run_arms([_Arm(0.3), _Arm(0.1)], _nap, 0, results, lambda: None,
