@@ -42,7 +42,10 @@ SELECTORS = {
     "gdn_proxy": ["select.method=gdn_proxy"],
     "gdn_proxy_greedy": ["select.method=gdn_proxy", "select.greedy=true"],
     "kl_restore": ["select.method=kl_restore"],
+    # Not in the default set: kl_restore without retraining between rounds, to measure that choice.
+    "kl_restore_once": ["select.method=kl_restore", "select.restore_steps=0"],
 }
+DEFAULT_SELECTORS = ("alternate", "gdn_proxy", "gdn_proxy_greedy", "kl_restore")
 LEVER_VARIANTS = {
     "synthetic_mix": ["data.synthetic_mix=0.25"],
     "kv_expanded": ["init.kv_heads=expanded"],
@@ -79,7 +82,7 @@ def variant_arms(seeds, variants=tuple(VARIANTS)) -> list[Arm]:
             for v in variants for s in seeds]
 
 
-def lever_arms(seeds, ratios=RATIOS, selectors=tuple(SELECTORS), variants=tuple(LEVER_VARIANTS),
+def lever_arms(seeds, ratios=RATIOS, selectors=DEFAULT_SELECTORS, variants=tuple(LEVER_VARIANTS),
                base=LEVER_BASE) -> list[Arm]:
     """Issue 15's arms, seed-major: a run cut short keeps every arm of the first seeds."""
     # The selector is in a lever arm's name: levers on another base (--variant-base) are other arms.

@@ -32,9 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grid import (DISTANCES, LEVER_BASE, LEVER_DISTANCES, LEVER_VARIANTS, METHODS, SELECTORS, VARIANTS,  # noqa: E402
-                  Arm, Budget, arm_config, lever_arms, matches, recipe_config, selection_arms, training_stage,
-                  variant_arms)
+from grid import (DEFAULT_SELECTORS, DISTANCES, LEVER_BASE, LEVER_DISTANCES, LEVER_VARIANTS, METHODS,  # noqa: E402
+                  SELECTORS, VARIANTS, Arm, Budget, arm_config, lever_arms, matches, recipe_config, selection_arms,
+                  training_stage, variant_arms)
 from levers import summarize  # noqa: E402
 from scheduler import run_arms  # noqa: E402
 
@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variant-seeds", default="0,1,2", help="selection study only")
     p.add_argument("--ratios", default="0.25,0.5,0.75")
-    p.add_argument("--methods", help="selectors (default: the study's all)")
+    p.add_argument("--methods", help="selectors (levers: any of grid.SELECTORS, default all but kl_restore_once; "
+                                     "selection: grid.METHODS)")
     p.add_argument("--variants", help="variants (default: the study's all)")
     p.add_argument("--variant-base", default=LEVER_BASE, help="levers: the selector the variants run with")
     p.add_argument("--arms", help="comma list: names, groups, selectors, variants, r25/r50/r75, name patterns")
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     levers = args.study == "levers"
     args.align_steps = args.align_steps or 150
     args.distill_steps = args.distill_steps or (100 if levers else 300)
-    args.methods = args.methods or ",".join(SELECTORS if levers else METHODS)
+    args.methods = args.methods or ",".join(DEFAULT_SELECTORS if levers else METHODS)
     args.variants = args.variants if args.variants is not None else ",".join(LEVER_VARIANTS if levers else VARIANTS)
     return args
 
@@ -93,6 +94,11 @@ def planned_arms(args) -> list[Arm]:
     ratios = [float(r) for r in args.ratios.split(",") if r]
     methods, variants = _names(args.methods), _names(args.variants)
     if args.study == "levers":
+        unknown = [m for m in [*methods, args.variant_base] if m not in SELECTORS]
+        unknown += [v for v in variants if v not in LEVER_VARIANTS]
+        if unknown:
+            raise SystemExit(f"error: unknown selector or lever {unknown}; selectors: {', '.join(SELECTORS)}; "
+                             f"levers: {', '.join(LEVER_VARIANTS)}")
         arms = lever_arms(_ints(args.seeds), ratios, methods, variants, args.variant_base)
     else:
         arms = _selection_study_arms(args, ratios, methods, variants)

@@ -21,6 +21,11 @@ paper's, which trains one distillation run (about 200M tokens at 7B) per candida
 layers once; here a candidate costs forward passes over the calibration set only, and the greedy
 rounds see how restored layers interact.
 
+A limit of restoring one layer at a time: recall that needs two attention layers together (an
+induction circuit: one layer looks one token back, the next finds the match) pays off only once
+both are back, so a round can see no gain in either alone. On the embedded teacher at 50% a
+layer whose restoration alone raised the damage in round one lowered it the most in round three.
+
 Per-layer score (selection.json ``scores``, the bar chart): how much restoring that layer alone in
 round one lowers the damage. Lower = safer to convert, as for the other methods; the layers chosen
 in later rounds can differ from the round-one order (``restore_rounds`` holds every round).

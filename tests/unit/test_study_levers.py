@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "bench" / "study"
 
@@ -31,6 +33,10 @@ def test_planned_arms_and_picking_them_by_name_group_selector_lever_or_ratio():
         "var-full_stages-kl_restore-r50-s1"]
     assert all("-r50-" in n for n in plan("--arms", "r50"))
     assert plan("--smoke") == ["sel-alternate-r50-s0"]
+    assert plan("--methods", "kl_restore_once", "--variants", "", "--ratios", "0.5", "--seeds", "0") == [
+        "sel-kl_restore_once-r50-s0"]
+    with pytest.raises(SystemExit, match="unknown selector or lever"):
+        plan("--methods", "kl_restor")
 
 
 def test_lever_arms_compose_to_what_they_study(tmp_path):
