@@ -14,9 +14,16 @@ STUDY = ROOT / "bench" / "study"
 
 
 def _script(name: str):
-    from tests.helpers import load_script
+    """A bench/study script imported under its own name: grid's dataclasses need their module in
+    sys.modules, and the scripts import each other by these names."""
+    import importlib
+    import sys
 
-    return load_script(STUDY / f"{name}.py")
+    sys.path.insert(0, str(STUDY))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(STUDY))
 
 
 def test_planned_arms_and_picking_them_by_name_group_selector_lever_or_ratio():
