@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from factory.checkpoint.state import ResumeRefused, find_resumable, load_trainer_state, restore_rng
 from factory.config.schema import TrainingConfig
 from factory.data.loader import RowLoader
-from factory.data.packing import IGNORE_INDEX, PackedRows, packed_rows
+from factory.data.packing import IGNORE_INDEX, PackedRows, model_inputs, packed_rows
 from factory.distill.losses import tiled_cross_entropy
 from factory.distributed.engine import DeepSpeedTrainEngine, forward_only
 from factory.distributed.parallelize import parallelize
@@ -152,10 +152,21 @@ def frozen_teacher(ctx: StageContext, micro_batch: int):
     return forward_only(teacher, ctx.cfg.deepspeed, ctx.precision, micro_batch)
 
 
+def teacher_stream_hidden(model, batch: dict) -> torch.Tensor:
+    """Final hidden states of the teacher stream through a hybrid that keeps the converted layers'
+    attention (mixer mode ``teacher``, no grad), leaving the model in mode ``student``. No grad, so
+    activation checkpointing skips it: it keeps no inputs and is never recomputed."""
+    try:
+        with torch.no_grad():
+            model.model.set_mixer_mode("teacher")
+            return model.model(**model_inputs(batch)).last_hidden_state
+    finally:
+        model.model.set_mixer_mode("student")
+
+
 def next_token_sum(ctx: StageContext, model, batch: dict, tile_tokens: int) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the batch's labelled positions, and their count."""
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    hidden = model.model(**inputs).last_hidden_state
+    hidden = model.model(**model_inputs(batch)).last_hidden_state
     labels = batch["labels"]
     count = int((labels != IGNORE_INDEX).sum())
     head = model.lm_head
