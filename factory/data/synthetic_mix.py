@@ -4,7 +4,7 @@ Users' training text rarely holds recall tasks, yet in-context recall is what co
 first (issue 15). So a share of the rows those stages read is synthetic: key-value recall (several
 facts, a gap, then questions each answered in place) and passkey documents from
 ``factory.data.synthetic``, tokenized with the teacher's tokenizer, one document a row, with the gap
-between fact and question drawn up to the row length.
+between fact and question drawn up to what the row leaves beside the facts and questions.
 
 Held out from the eval: the haystack is the user's own training text (decoded from the first packed
 rows), not the eval's held-out play, and the rows come from their own seeded stream
@@ -40,14 +40,16 @@ TEMPLATE = re.compile(r"has value|pass key", re.IGNORECASE)
 
 
 def filler_from_rows(rows: PackedRows, tokenizer, max_tokens: int = FILLER_TOKENS) -> Filler:
-    """Haystack paragraphs of the user's own text: the documents of the first rows (cut where positions
-    restart), decoded, split at blank lines, without paragraphs in the recall templates."""
+    """Haystack paragraphs of the user's own text: the documents of the first rows, decoded, split at
+    blank lines, without paragraphs in the recall templates. Packed rows are consecutive cuts of one
+    token stream, so the documents are the pieces between EOS tokens, whole across row cuts."""
     seq_len = rows.input_ids.shape[1]
     n = max(1, min(len(rows), -(-max_tokens // seq_len)))
     ids = rows.input_ids[:n].reshape(-1)
-    starts = (rows.position_ids[:n].reshape(-1) == 0).nonzero().flatten().tolist() + [ids.numel()]
-    pieces = [ids[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
-    docs = tokenizer.batch_decode(pieces, skip_special_tokens=True)
+    ends = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()
+    bounds = [0, *(e + 1 for e in ends), ids.numel()]
+    docs = tokenizer.batch_decode([ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:]) if b > a],
+                                  skip_special_tokens=True)
     paragraphs = [p.strip() for doc in docs for p in re.split(r"\n\s*\n", doc)]
     kept = [p for p in paragraphs if p and not TEMPLATE.search(p)]
     if not kept:
