@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "constant")
 GATE_INITS = ("published", "random")
 QK_NORMS = ("drop", "scale")
 CONV_INITS = ("default", "identity")
+KV_HEADS = ("shared", "expanded")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FORMATS = ("qwen3_5", "hqwen3")
 LOGGER_KINDS = ("none", "wandb")
@@ -91,6 +92,8 @@ RULES: dict[str, Rule] = {
     "threads": minimum(1, optional=True), "seed": minimum(0),
     "model.family": choice(*SUPPORTED_FAMILIES), "model.attn_implementation": choice(*ATTN_IMPLEMENTATIONS),
     "data.seq_len": minimum(2), "data.num_proc": minimum(1),
+    "data.synthetic_mix": between(0, 1, open_high=True,
+                                  what="the share of align and distill rows that are synthetic recall rows (0: off)"),
     "data.chat_overflow": choice(*CHAT_OVERFLOW, stage="sft"),
     "select.method": choice(*SELECT_METHODS),
     "select.ratio": between(0, 1, open_low=True, open_high=True,
@@ -104,6 +107,7 @@ RULES: dict[str, Rule] = {
     "select.trained_lr": positive(),
     "select.restore_steps": minimum(0, what="an integer >= 0 (0: no retraining between rounds)"),
     "init.gate_init": choice(*GATE_INITS), "init.qk_norm": choice(*QK_NORMS), "init.conv_init": choice(*CONV_INITS),
+    "init.kv_heads": choice(*KV_HEADS),
     "align.loss": choice(*ALIGN_LOSSES), "distill.teacher": choice(*DISTILL_TEACHERS),
     **{f"{stage}.{key}": rule for stage in TRAIN_STAGES for key, rule in TRAIN.items()
        if key in _fields(stage)},

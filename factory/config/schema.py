@@ -35,6 +35,10 @@ class DataConfig:
     chat_overflow: str = "truncate"  # a conversation longer than a row: truncate | drop
     cache_dir: Optional[str] = None  # default: <pipeline dir>/../.cache
     num_proc: int = 1
+    # Share of align and distill rows that are synthetic in-context recall documents (key-value and
+    # passkey in the user's own text, at distances up to the row length): users' data rarely holds
+    # recall tasks, and recall is what GDN layers lose first. 0: off.
+    synthetic_mix: float = 0.0
 
 
 @dataclass
@@ -65,6 +69,10 @@ class InitConfig:
     qk_norm: str = "drop"  # drop | scale (keep Qwen3's q/k-norm weights as a per-channel scale)
     conv_init: str = "default"  # default | identity
     allow_neg_eigval: bool = False
+    # shared: GDN keeps the teacher's K/V heads and repeats them to the query heads (every query head
+    # of a group writes the same keys and values into its state). expanded: one trainable K/V head per
+    # query head, initialized by repeating the teacher's rows (the same model at step 0).
+    kv_heads: str = "shared"
 
 
 @dataclass

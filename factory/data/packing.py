@@ -36,6 +36,12 @@ class PackedRows:
                 "labels": self.labels[index]}
 
 
+def model_inputs(batch: dict, device=None) -> dict:
+    """The forward arguments of a packed batch (labels stay with the loss)."""
+    return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+            "use_cache": False}
+
+
 def load_texts(files: list[str], text_field: str, num_proc: int = 1):
     """A ``datasets.Dataset`` with one column, ``text``, from local jsonl/json/txt/parquet/csv files."""
     from datasets import concatenate_datasets, load_dataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from factory.data.packing import IGNORE_INDEX, PackedRows
+from factory.data.packing import IGNORE_INDEX, PackedRows, model_inputs
 from factory.distill.losses import forward_kl
 
 
@@ -17,8 +17,7 @@ def heldout_metrics(teacher, student, rows: PackedRows, max_rows: int, batch_siz
     n = min(len(rows), max_rows)
     for start in range(0, n, batch_size):
         batch = rows.batch(torch.arange(start, min(n, start + batch_size)))
-        inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
-                  "use_cache": False}
+        inputs = model_inputs(batch, device)
         labels = batch["labels"].to(device)
         valid = labels != IGNORE_INDEX
         logp_t = F.log_softmax(teacher(**inputs).logits[valid].float(), -1)

@@ -82,6 +82,10 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
+    """A GDN token mixer. ``k_proj``/``v_proj`` hold ``num_key_heads``/``num_value_heads`` heads: the
+    teacher's few K/V heads (``init.kv_heads=shared``, repeated to the query heads by the kernel
+    dispatch) or one per query head (``expanded``). The kernels get the same shapes either way."""
+
     def __init__(self, shape: GDNShape, layer_idx: int | None = None):
         super().__init__()
         self.shape, self.layer_idx = shape, layer_idx

@@ -1,9 +1,10 @@
 """Attention -> GDN initialization (DESIGN.md "Priming").
 
 For each converted layer: q/k/v/o projections copied from the attention (GQA kept: K and V
-keep the KV-head count and are repeated inside the layer), ``g_proj = 0.5 (W_O^T +
-repeat(W_V))``, fresh A_log / dt_bias / a / b / convs, ``o_norm`` ones. Everything else is
-copied unchanged. Works one layer at a time so sharded parameters can be gathered per layer.
+keep the KV-head count and are repeated inside the layer; with ``init.kv_heads=expanded`` they
+get one head per query head instead, the teacher's rows repeated in the weights), ``g_proj =
+0.5 (W_O^T + repeat(W_V))``, fresh A_log / dt_bias / a / b / convs, ``o_norm`` ones. Everything
+else is copied unchanged. Works one layer at a time so sharded parameters can be gathered per layer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from factory.config.schema import InitConfig
 from factory.layers.gdn import GatedDeltaNet
 from factory.models.hqwen3 import HQwen3Config, HQwen3ForCausalLM
+from factory.models.hqwen3.qwen3_5 import repeat_heads
 from factory.models.hqwen3.student import init_groups, saved_names
 
 
@@ -23,7 +25,11 @@ def gdn_config_kwargs(teacher_config, layer_types: list[str], init: InitConfig, 
     data = teacher_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_types"):
         data.pop(key, None)
-    return {**data, "layer_types": layer_types, "linear_allow_neg_eigval": init.allow_neg_eigval,
+    heads = {}
+    if init.kv_heads == "expanded":  # one key and one value head per query head; the state is unchanged
+        heads = {"linear_num_key_heads": data["num_attention_heads"],
+                 "linear_num_value_heads": data["num_attention_heads"]}
+    return {**data, **heads, "layer_types": layer_types, "linear_allow_neg_eigval": init.allow_neg_eigval,
             "linear_qk_channel_scale": init.qk_norm == "scale", "keep_teacher_attention": keep_teacher_attention}
 
 
@@ -34,43 +40,52 @@ def layer_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _draw(param: torch.Tensor, fill) -> None:
+def _draw(param: torch.Tensor, fill, heads: int = 1, to_heads: int = 1) -> None:
     """Random values drawn on the CPU in fp32 whatever the parameter's device and dtype, so a gathered
-    GPU parameter gets the same draws as a local CPU one (a CPU generator cannot fill a CUDA tensor)."""
-    value = torch.empty(param.shape, dtype=torch.float32)
+    GPU parameter gets the same draws as a local CPU one (a CPU generator cannot fill a CUDA tensor).
+    ``heads`` -> ``to_heads``: draw the rows of ``heads`` heads and repeat them (GQA order), so an
+    expanded K/V conv gets the very draws of the shared one, repeated as the kernel would repeat them."""
+    value = torch.empty((param.shape[0] * heads // to_heads, *param.shape[1:]), dtype=torch.float32)
     fill(value)
-    param.copy_(value)
+    param.copy_(repeat_heads(value, heads, to_heads))
 
 
 @torch.no_grad()
 def init_gdn_from_attention(gdn: GatedDeltaNet, attn, init: InitConfig, generator: torch.Generator) -> None:
-    H, dv = gdn.shape.num_query_heads, gdn.shape.value_head_dim
+    s = gdn.shape
+    H, dv = s.num_query_heads, s.value_head_dim
+    kv_heads = attn.v_proj.weight.shape[0] // dv  # the teacher's
     gdn.q_proj.weight.copy_(attn.q_proj.weight)
-    gdn.k_proj.weight.copy_(attn.k_proj.weight)
-    gdn.v_proj.weight.copy_(attn.v_proj.weight)
+    gdn.k_proj.weight.copy_(repeat_heads(attn.k_proj.weight, kv_heads, s.num_key_heads))
+    gdn.v_proj.weight.copy_(repeat_heads(attn.v_proj.weight, kv_heads, s.num_value_heads))
     gdn.o_proj.weight.copy_(attn.o_proj.weight)
     if init.gate_init == "published":
-        kv_heads = attn.v_proj.weight.shape[0] // dv
-        w_v = attn.v_proj.weight.view(kv_heads, dv, -1).repeat_interleave(H // kv_heads, dim=0).reshape(H * dv, -1)
-        gdn.g_proj.weight.copy_(0.5 * (attn.o_proj.weight.t() + w_v))
+        gdn.g_proj.weight.copy_(0.5 * (attn.o_proj.weight.t() + repeat_heads(attn.v_proj.weight, kv_heads, H)))
     else:
         _draw(gdn.g_proj.weight, lambda t: t.normal_(0.0, 0.02, generator=generator))
     for proj in (gdn.a_proj, gdn.b_proj):
         _draw(proj.weight, lambda t: t.normal_(0.0, 0.02, generator=generator))
     gdn.reset_gate_parameters(generator)
     gdn.o_norm.weight.fill_(1.0)
-    for conv in (gdn.q_conv1d, gdn.k_conv1d, gdn.v_conv1d):
+    _init_convs(gdn, init, generator, kv_heads)
+    if init.qk_norm == "scale":
+        gdn.q_scale.copy_(attn.q_norm.weight)
+        gdn.k_scale.copy_(attn.k_norm.weight)
+
+
+def _init_convs(gdn: GatedDeltaNet, init: InitConfig, generator: torch.Generator, kv_heads: int) -> None:
+    """The short convs, each drawn at the teacher's head count (so shared and expanded K/V draw alike)."""
+    s = gdn.shape
+    widths = ((s.num_query_heads, s.num_query_heads), (kv_heads, s.num_key_heads), (kv_heads, s.num_value_heads))
+    for conv, (heads, to_heads) in zip((gdn.q_conv1d, gdn.k_conv1d, gdn.v_conv1d), widths):
         if init.conv_init == "identity":
             def identity(t):  # pass-through at the current token, small noise elsewhere
                 t.normal_(0.0, 0.01, generator=generator)
                 t[:, 0, -1] = 1.0
-            _draw(conv.weight, identity)
+            _draw(conv.weight, identity, heads, to_heads)
         else:
             bound = 1.0 / conv.kernel_size[0] ** 0.5  # nn.Conv1d's default for a depthwise kernel
-            _draw(conv.weight, lambda t: t.uniform_(-bound, bound, generator=generator))
-    if init.qk_norm == "scale":
-        gdn.q_scale.copy_(attn.q_norm.weight)
-        gdn.k_scale.copy_(attn.k_norm.weight)
+            _draw(conv.weight, lambda t: t.uniform_(-bound, bound, generator=generator), heads, to_heads)
 
 
 def hybrid_config(teacher_config, layer_types: list[str], init: InitConfig, keep_teacher_attention: bool):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from factory.config.schema import DataConfig, InitConfig, OptimConfig, SelectConfig
-from factory.data.packing import IGNORE_INDEX, packed_rows
+from factory.data.packing import IGNORE_INDEX, model_inputs, packed_rows
 from factory.distill.losses import forward_kl, tiled_kl_loss
 from factory.data.recall_items import read_recall_file, split_calibration_files
 from factory.data.synthetic import DEFAULT_FILLER, Filler, encode_sample, make_samples, token_counter
@@ -431,7 +431,7 @@ def distill_gdn(model, teacher, named: list, cfg: SelectConfig, steps: int, rows
     engine = LocalEngine(model, named, optim, steps, precision="fp32")
 
     def kl(batch):
-        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        kwargs = model_inputs(batch)
         with torch.no_grad():
             target = teacher.model(**kwargs).last_hidden_state
         hidden = model.model(**kwargs).last_hidden_state

@@ -3,13 +3,13 @@ network (the init stage's model keeps the teacher attention in converted layers)
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
+from factory.data.packing import model_inputs
 from factory.distill.losses import alignment_mse
 from factory.stages.base import DEEPSPEED, MODEL, RUN, TEXT, Stage
 from factory.stages.context import StageContext
-from factory.stages.training import run_training
+from factory.stages.training import run_training, teacher_stream_hidden
 from factory.train.trainable import select_trainable
 
 
@@ -19,7 +19,7 @@ def align_loss_fn(model, loss: str):
 
     def layerwise(batch):
         model.model.set_mixer_mode("align")
-        model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        model.model(**model_inputs(batch))
         linear = [layer for layer in model.model.layers if layer.is_linear]
         pairs = [layer.alignment_pair for layer in linear]
         for layer in linear:  # the loss owns the graph now; a layer holding it would keep it past the step
@@ -27,12 +27,8 @@ def align_loss_fn(model, loss: str):
         return alignment_mse(pairs), {}
 
     def pre_lm_head(batch):
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        with torch.no_grad():
-            model.model.set_mixer_mode("teacher")
-            target = model.model(**inputs).last_hidden_state
-        model.model.set_mixer_mode("student")
-        return F.mse_loss(model.model(**inputs).last_hidden_state.float(), target.float()), {}
+        target = teacher_stream_hidden(model, batch)
+        return F.mse_loss(model.model(**model_inputs(batch)).last_hidden_state.float(), target.float()), {}
 
     return {"layerwise": layerwise, "pre_lm_head": pre_lm_head}[loss]
 

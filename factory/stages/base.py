@@ -17,7 +17,8 @@ from factory.stages.context import RANKS, StageContext
 # what they resolved to (``auto`` on a CPU box is ``cpu``).
 RUN = ("seed", "device", "precision")
 MODEL = ("model.path", "model.family", "model.attn_implementation")
-TEXT = ("data.train_files", "data.text_field", "data.seq_len")
+# align's and distill's rows: the user's text and the synthetic recall rows mixed into it.
+TEXT = ("data.train_files", "data.text_field", "data.seq_len", "data.synthetic_mix")
 # ZeRO settings decide how training and sharded loading compute (and round); they are identity.
 DEEPSPEED = ("deepspeed",)
 # Never identity, in any slice: they change how a run reports, not what it computes.

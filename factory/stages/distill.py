@@ -22,10 +22,11 @@ import torch
 from factory.checkpoint.export import read_weights
 from factory.config.schema import DistillConfig
 from factory.config.validate import resolve_model_path
+from factory.data.packing import model_inputs
 from factory.distill.losses import tiled_kl_loss
 from factory.stages.base import DEEPSPEED, MODEL, REPORTING, RUN, TEXT, Stage
 from factory.stages.context import StageContext
-from factory.stages.training import frozen_teacher, load_student, run_training
+from factory.stages.training import frozen_teacher, load_student, run_training, teacher_stream_hidden
 from factory.train.trainable import select_trainable
 
 
@@ -36,17 +37,13 @@ def teacher_kind(cfg: DistillConfig) -> str:
     return "shared" if cfg.trainable == "gdn" else "separate"
 
 
-def _inputs(batch) -> dict:
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-
-
 def distill_loss_fn(ctx: StageContext, cfg: DistillConfig, student, teacher):
     """The distill stage's step loss: tiled forward KL of the student to the frozen teacher."""
 
     def kl(batch):
         with torch.no_grad():
-            target = teacher.model(**_inputs(batch)).last_hidden_state
-        hidden = student.model(**_inputs(batch)).last_hidden_state
+            target = teacher.model(**model_inputs(batch)).last_hidden_state
+        hidden = student.model(**model_inputs(batch)).last_hidden_state
         with ctx.gathered([student.lm_head.weight, teacher.lm_head.weight]):
             loss = tiled_kl_loss(hidden, target, student.lm_head.weight, teacher.lm_head.weight, batch["labels"],
                                  cfg.temperature, cfg.ce_weight, cfg.loss_tile_tokens)
@@ -57,17 +54,11 @@ def distill_loss_fn(ctx: StageContext, cfg: DistillConfig, student, teacher):
 
 def shared_loss_fn(ctx: StageContext, cfg: DistillConfig, model):
     """The same loss with the teacher as a stream through ``model`` (which keeps the converted layers'
-    attention). The teacher stream runs under no_grad, so activation checkpointing skips it (the
-    decoder layer runs a no-grad stream plainly): it keeps no inputs and is never recomputed."""
+    attention); see ``teacher_stream_hidden`` for how checkpointing treats the teacher stream."""
 
     def kl(batch):
-        try:
-            with torch.no_grad():
-                model.model.set_mixer_mode("teacher")
-                target = model.model(**_inputs(batch)).last_hidden_state
-        finally:
-            model.model.set_mixer_mode("student")
-        hidden = model.model(**_inputs(batch)).last_hidden_state
+        target = teacher_stream_hidden(model, batch)
+        hidden = model.model(**model_inputs(batch)).last_hidden_state
         head = model.lm_head.weight
         with ctx.gathered([head]):
             loss = tiled_kl_loss(hidden, target, head, head, batch["labels"], cfg.temperature, cfg.ce_weight,

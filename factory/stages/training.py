@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from factory.checkpoint.state import ResumeRefused, find_resumable, load_trainer_state, restore_rng
 from factory.config.schema import TrainingConfig
 from factory.data.loader import RowLoader
-from factory.data.packing import IGNORE_INDEX, PackedRows, packed_rows
+from factory.data.packing import IGNORE_INDEX, PackedRows, model_inputs, packed_rows
+from factory.data.synthetic_mix import MixedRows, mix_recall_rows
 from factory.distill.losses import tiled_cross_entropy
 from factory.distributed.engine import DeepSpeedTrainEngine, forward_only
 from factory.distributed.parallelize import parallelize
@@ -84,15 +85,15 @@ def build_engine(ctx: StageContext, stage_cfg: TrainingConfig, model, named_para
 def run_training(ctx: StageContext, stage_cfg: TrainingConfig, model, named_params, loss_fn,
                  rows: PackedRows | None = None, sp: SequenceParallel | None = None, before_save=None,
                  tiled_mlp_tokens: int = 0, offload_checkpoints: bool = False) -> dict:
-    """Train on ``rows`` (default: the packed text data at the stage's row length), save the stage's
-    model (``before_save()`` first, if given) and release the engine. ``parallelize`` applies sequence
+    """Train on ``rows`` (default: the packed text data at the stage's row length, plus synthetic recall
+    rows with ``data.synthetic_mix``), save the stage's model (``before_save()`` first, if given) and
+    release the engine. ``parallelize`` applies sequence
     parallelism (``sp``: the ranks of one SP group read the same rows and split them in ``loss_fn``),
     tiled MLPs and the stage's activation checkpointing (to CPU memory with ``offload_checkpoints``:
     the longctx stage's options)."""
     sp_degree = sp.degree if sp is not None else 1
     if rows is None:
-        rows = packed_rows(ctx.cfg.data.train_files, ctx.tokenizer, stage_cfg.seq_len or ctx.cfg.data.seq_len,
-                           ctx.cfg.data.text_field, ctx.cache_dir, ctx.cfg.data.num_proc)
+        rows = _text_rows(ctx, stage_cfg)
     loader = RowLoader(rows, stage_cfg.batch_size, seed=ctx.cfg.seed, rank=ctx.env.rank // sp_degree,
                        world_size=ctx.env.world_size // sp_degree)
     parallelize(model, sp, tiled_mlp_tokens, stage_cfg.activation_checkpointing, offload_checkpoints)
@@ -109,8 +110,21 @@ def run_training(ctx: StageContext, stage_cfg: TrainingConfig, model, named_para
     saved = _save(ctx, model)
     engine.close()
     trainable = sum(getattr(p, "ds_numel", p.numel()) for _, p in named_params)  # whole tensors under ZeRO-3
+    synthetic = {"synthetic_rows": rows.count, "rows": len(rows)} if isinstance(rows, MixedRows) else {}
     return {"steps": state.step, "tokens": state.tokens, "final_loss": state.loss,
-            "train_seconds": round(state.elapsed, 2), "trainable_params": trainable, **saved}
+            "train_seconds": round(state.elapsed, 2), "trainable_params": trainable, **synthetic, **saved}
+
+
+def _text_rows(ctx: StageContext, stage_cfg: TrainingConfig):
+    """The packed text data at the stage's row length, with ``data.synthetic_mix`` of synthetic recall rows."""
+    data = ctx.cfg.data
+    rows = packed_rows(data.train_files, ctx.tokenizer, stage_cfg.seq_len or data.seq_len, data.text_field,
+                       ctx.cache_dir, data.num_proc)
+    rows = mix_recall_rows(rows, ctx.tokenizer, data.synthetic_mix, ctx.cfg.seed)
+    if isinstance(rows, MixedRows) and ctx.env.is_main:
+        print(f"[{ctx.name}] {rows.count:,} of {len(rows):,} rows are synthetic recall rows "
+              f"(data.synthetic_mix={data.synthetic_mix})", flush=True)
+    return rows
 
 
 def _save(ctx: StageContext, model) -> dict:
@@ -152,10 +166,21 @@ def frozen_teacher(ctx: StageContext, micro_batch: int):
     return forward_only(teacher, ctx.cfg.deepspeed, ctx.precision, micro_batch)
 
 
+def teacher_stream_hidden(model, batch: dict) -> torch.Tensor:
+    """Final hidden states of the teacher stream through a hybrid that keeps the converted layers'
+    attention (mixer mode ``teacher``, no grad), leaving the model in mode ``student``. No grad, so
+    activation checkpointing skips it: it keeps no inputs and is never recomputed."""
+    try:
+        with torch.no_grad():
+            model.model.set_mixer_mode("teacher")
+            return model.model(**model_inputs(batch)).last_hidden_state
+    finally:
+        model.model.set_mixer_mode("student")
+
+
 def next_token_sum(ctx: StageContext, model, batch: dict, tile_tokens: int) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the batch's labelled positions, and their count."""
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    hidden = model.model(**inputs).last_hidden_state
+    hidden = model.model(**model_inputs(batch)).last_hidden_state
     labels = batch["labels"]
     count = int((labels != IGNORE_INDEX).sum())
     head = model.lm_head

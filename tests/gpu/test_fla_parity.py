@@ -257,12 +257,13 @@ def test_fused_gated_rmsnorm_matches_torch_form(check, monkeypatch):
 
 # --------------------------------------------------------------------------- the whole layer
 
-def _layer_pair(head_dim, seed=0):
-    """The same GatedDeltaNet twice: fp32 on CPU (reference math) and bf16 on CUDA (fla)."""
+def _layer_pair(head_dim, seed=0, kv_heads=1):
+    """The same GatedDeltaNet twice: fp32 on CPU (reference math) and bf16 on CUDA (fla). ``kv_heads=2``
+    is init.kv_heads=expanded (one K/V head per query head): the kernels get the same shapes."""
     from factory.layers.gdn import GatedDeltaNet, GDNShape
 
     torch.manual_seed(seed)
-    shape = GDNShape(hidden_size=256, num_query_heads=2, num_key_heads=1, num_value_heads=1,
+    shape = GDNShape(hidden_size=256, num_query_heads=2, num_key_heads=kv_heads, num_value_heads=kv_heads,
                      key_head_dim=head_dim, value_head_dim=head_dim)
     cpu = GatedDeltaNet(shape, layer_idx=0)
     with torch.no_grad():
@@ -274,14 +275,15 @@ def _layer_pair(head_dim, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim,packed,fused_norm", [
-    (64, False, True), (64, True, True), (128, False, True), (128, True, True), (128, True, False)],
-    ids=["unpacked-64", "packed-64", "unpacked-128", "packed-128", "packed-128-torch_norm"])
-def test_gdn_layer_on_cuda_matches_cpu_reference(head_dim, packed, fused_norm, check, monkeypatch):
+@pytest.mark.parametrize("head_dim,packed,fused_norm,kv_heads", [
+    (64, False, True, 1), (64, True, True, 1), (128, False, True, 1), (128, True, True, 1), (128, True, False, 1),
+    (128, True, True, 2)],
+    ids=["unpacked-64", "packed-64", "unpacked-128", "packed-128", "packed-128-torch_norm", "packed-128-expanded_kv"])
+def test_gdn_layer_on_cuda_matches_cpu_reference(head_dim, packed, fused_norm, kv_heads, check, monkeypatch):
     from factory.layers.gdn import GatedRMSNorm
 
     monkeypatch.setattr(GatedRMSNorm, "fused_on_cuda", fused_norm)
-    cpu, gpu = _layer_pair(head_dim)
+    cpu, gpu = _layer_pair(head_dim, kv_heads=kv_heads)
     B, T = (1, PACKED[-1]) if packed else (2, 200)
     x = torch.randn(B, T, 256, generator=torch.Generator().manual_seed(head_dim)).bfloat16()
     cu = torch.tensor(PACKED, dtype=torch.long) if packed else None

@@ -55,9 +55,10 @@ def assert_all_close(got, want, atol=1e-5, rtol=1e-4):
         torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("HK", [2, 4], ids=["shared_kv", "expanded_kv"])  # init.kv_heads: 2 repeated or 4 own
 @pytest.mark.parametrize("T", [1, 63, 65, 500])
-def test_chunk_matches_transformers_reference(T):
-    inputs = make_inputs(T)
+def test_chunk_matches_transformers_reference(T, HK):
+    inputs = make_inputs(T, HK=HK)
     assert_all_close(run_and_grads(ours(), inputs), run_and_grads(theirs, inputs))
 
 

@@ -56,6 +56,17 @@ def gqa4_hybrid():
     return model
 
 
+def gqa4_expanded_hybrid():
+    """The same shape primed with ``init.kv_heads=expanded`` and trained: one K/V head per query head,
+    the heads of a teacher group no longer equal."""
+    model = tiny_hybrid(seed=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_hidden_layers=5,
+                        linear_num_key_heads=8, linear_num_value_heads=8,
+                        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention",
+                                     "full_attention"])
+    randomize(model)
+    return model
+
+
 def teacher_hybrid():
     """The embedded teacher with half its layers made GDN by the priming initialization."""
     from transformers import AutoModelForCausalLM
@@ -74,7 +85,8 @@ def export(model, root: Path) -> Path:
     return root / "export"
 
 
-@pytest.mark.parametrize("build", [gqa4_hybrid, teacher_hybrid], ids=["gqa4_random", "embedded_teacher"])
+@pytest.mark.parametrize("build", [gqa4_hybrid, gqa4_expanded_hybrid, teacher_hybrid],
+                         ids=["gqa4_random", "gqa4_expanded_kv", "embedded_teacher"])
 def test_stock_transformers_matches_hqwen3_logits_and_cached_greedy_generation(build, tmp_path):
     model = build()
     export(model, tmp_path)

@@ -63,3 +63,16 @@ def test_recall_settings_are_eval_identity():
         changed = PrimeConfig()
         setattr(changed.eval, field, value)
         assert [s for s in SCHEMA_STAGES if _hash(s, base) != _hash(s, changed)] == ["eval"], field
+
+
+def test_priming_levers_are_identity_of_the_stages_they_change():
+    """data.synthetic_mix changes align's and distill's rows; init.kv_heads the init (and select, whose
+    scoring methods initialize GDN layers the same way)."""
+    base, mix, kv = PrimeConfig(), PrimeConfig(), PrimeConfig()
+    mix.data.synthetic_mix, kv.init.kv_heads = 0.2, "expanded"
+    assert [s for s in SCHEMA_STAGES if _hash(s, base) != _hash(s, mix)] == ["align", "distill"]
+    assert [s for s in SCHEMA_STAGES if _hash(s, base) != _hash(s, kv)] == ["select", "init"]
+    stage = BY_NAME["distill"]
+    old = stage_identity(stage, base, "cpu", "fp32", "p")
+    assert changed_settings(stage, old, stage_identity(stage, mix, "cpu", "fp32", "p")) == [
+        "data.synthetic_mix: 0.0 -> 0.2"]

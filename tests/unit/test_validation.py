@@ -87,6 +87,8 @@ def test_bad_value_sweep(path, base, tmp_path, capsys):
     ("eval.heldout_rows=0", ["eval.heldout_rows=0", "an integer >= 1"]),
     ("select.ratio=1.5", ["select.ratio=1.5", "(0, 1)"]),
     ("select.ratio=abc", ["select.ratio=abc", "float"]),
+    ("data.synthetic_mix=1.0", ["data.synthetic_mix=1.0", "[0, 1)", "synthetic recall rows"]),
+    ("init.kv_heads=full", ["init.kv_heads='full'", "shared, expanded"]),
     ("+align.stpes=5", ["unknown key 'align.stpes'", "did you mean align.steps"]),
     ("align.stpes=5", ["unknown key 'align.stpes'", "did you mean align.steps"]),
     ("+foo=1", ["unknown key 'foo'", "known keys: recipe"]),

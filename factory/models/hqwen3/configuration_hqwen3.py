@@ -14,7 +14,10 @@ class HQwen3Config(Qwen3Config):
 
     GDN head counts default to the attention layer they replace: query heads to
     ``num_attention_heads``, key and value heads to ``num_key_value_heads`` (repeated to the
-    query-head count inside the kernel), head dims to ``head_dim``.
+    query-head count inside the kernel), head dims to ``head_dim``. A hybrid primed with
+    ``init.kv_heads=expanded`` stores ``linear_num_key_heads = linear_num_value_heads =
+    linear_num_query_heads`` (one trainable K/V head per query head); a config that names no
+    GDN head counts, as older checkpoints of a GQA teacher did not need to, is the shared form.
     ``keep_teacher_attention`` makes converted layers also hold their frozen attention, the
     teacher path of the alignment stage.
     """

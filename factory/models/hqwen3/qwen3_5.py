@@ -12,8 +12,10 @@ format with no code of ours. The conversions, derived from transformers 5.17's m
 - GDN: Qwen3.5 repeats query and key heads up to the value-head count and keeps one state per
   value head. Ours keeps ``H`` query heads and one state per query head, so key and value heads
   are repeated to ``H`` (GQA order) in the weights: ``linear_num_key_heads = linear_num_value_heads
-  = H``. q/k/v become ``in_proj_qkv`` with one depthwise conv (``conv1d``); ``g_proj`` is
-  ``in_proj_z``, ``a_proj``/``b_proj`` are ``in_proj_a``/``in_proj_b``, ``o_proj`` is ``out_proj``.
+  = H``. A hybrid primed with ``init.kv_heads=expanded`` already has ``H`` key and value heads, each
+  its own (trained apart): they are copied as they are, so that export is exact too. q/k/v become
+  ``in_proj_qkv`` with one depthwise conv (``conv1d``); ``g_proj`` is ``in_proj_z``,
+  ``a_proj``/``b_proj`` are ``in_proj_a``/``in_proj_b``, ``o_proj`` is ``out_proj``.
 
 Pure functions over config dicts and tensors, one layer's GDN group buffered at a time, so an
 export streams a 32B model without holding it.

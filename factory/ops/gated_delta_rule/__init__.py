@@ -5,7 +5,8 @@ needs triton to import and every fla kernel fails on CPU). CUDA tensors run
 flash-linear-attention's kernels. Both take fla's layout and argument names.
 
 Head repetition happens here, so callers may pass fewer key/value heads than query heads
-(GQA-style, as a primed Qwen3 layer keeps the teacher's 8 KV heads).
+(GQA-style, as a primed Qwen3 layer keeps the teacher's 8 KV heads), or as many
+(``init.kv_heads=expanded``): after repetition fla and the reference see the same shapes.
 """
 
 from __future__ import annotations
