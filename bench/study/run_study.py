@@ -124,7 +124,17 @@ def use_naive_gdn_on_cuda() -> None:
     module.fla_chunk = naive.naive_chunk_gated_delta_rule
     module.fla_recurrent = naive.naive_recurrent_gated_delta_rule
     module.fla_conv = naive.naive_causal_conv1d
+    module.fla_gated_rms_norm = _gated_rms_norm
     sys.modules[module.__name__] = module
+
+
+def _gated_rms_norm(x, gate, weight, eps: float):
+    """The GDN output norm's pure-torch form (``factory.layers.gdn``'s CPU path)."""
+    import torch.nn.functional as F
+
+    xf = x.float()
+    xf = xf * xf.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+    return (xf * weight.float() * F.silu(gate.float())).to(x.dtype)
 
 
 EVAL_SEED = 1234  # the same retrieval samples for every arm and for the teacher
