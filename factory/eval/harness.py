@@ -52,6 +52,19 @@ def offline():
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def quiet():
+    """lm-eval's warnings off for the block: it warns about what is chosen here on purpose (a loaded model
+    passed in, the local tasks' own data loader)."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def import_qwen3_5_for(device: str) -> None:
     """On CPU, import transformers' Qwen3.5 modeling with fla and causal_conv1d hidden: it binds fla's
     kernels at import whenever fla imports, even for CPU tensors, where they cannot run; hidden, its
@@ -124,7 +137,7 @@ def check_tasks(names: Sequence[str], key: str = "eval.lm_eval_tasks") -> None:
         local = sorted(_local_tasks().all_tasks)
         raise ConfigError(f"{key}: unknown lm-eval task(s) {', '.join(unknown)}; accepted: the local tasks "
                           f"{', '.join(local)} ({TASKS_DIR}) or any task `lm_eval ls tasks` lists")
-    with offline():
+    with offline(), quiet():
         for name in names:
             try:
                 manager.load([name])
@@ -151,16 +164,11 @@ def run_tasks(model, tokenizer, names: Sequence[str], limit: int | None, batch_s
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    # lm-eval warns about what is chosen here on purpose (a loaded model, the tasks' own data loader).
-    quiet, logger = logging.getLogger("lm_eval"), logging.getLogger("lm_eval").level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         with offline():
             results = simple_evaluate(model=lm, tasks=list(names), limit=limit, task_manager=task_manager(names),
                                       bootstrap_iters=0, log_samples=False)
-    finally:
-        quiet.setLevel(logger)
     return scores(results)
 
 
