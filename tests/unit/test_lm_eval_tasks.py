@@ -55,6 +55,19 @@ def test_unknown_task_name_is_one_line():
     assert "hmf_kv_recall" in message and str(harness.TASKS_DIR) in message
 
 
+def test_offline_sets_the_switches_the_hub_and_datasets_read_and_restores_them(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    before = (hub.is_offline_mode(), datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"))
+    with harness.offline():
+        assert hub.is_offline_mode() and datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert (hub.is_offline_mode(), datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")) == before
+    assert "HF_DATASETS_OFFLINE" not in os.environ
+
+
 def test_scores_keep_metrics_not_standard_errors_and_compare_gives_the_share_kept():
     def results(acc: float, em: float) -> dict:
         return {"results": {"a": {"alias": "a", "acc,none": acc, "acc_stderr,none": "N/A"},
