@@ -30,6 +30,13 @@ def launched_world_size() -> int:
 def check_environment(cfg: PrimeConfig) -> None:
     check_device(cfg)
     check_launch(cfg)
+    check_lm_eval(cfg)
+
+
+def check_lm_eval(cfg: PrimeConfig) -> None:
+    if cfg.eval.lm_eval_tasks and "eval" in cfg.stages and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.lm_eval_tasks needs the lm-eval package, which is not installed; accepted: "
+                          "pip install -e '.[lmeval]' (lm-eval 0.4.13), or eval.lm_eval_tasks=[]")
 
 
 def check_device(cfg: PrimeConfig) -> None:

@@ -69,6 +69,12 @@ def between(low: float, high: float, *, open_low: bool = False, open_high: bool 
     return Rule(f"a number in {brackets}" + (f", {what}" if what else ""), ok, high + 1)
 
 
+def names() -> Rule:
+    """Names as lm-eval's command line takes them: no blanks, no commas (its list separator)."""
+    return Rule("a list of names without spaces or commas, e.g. [hmf_kv_recall,hmf_passkey]",
+                lambda v: all(x and "," not in x and not any(c.isspace() for c in x) for x in v), [""])
+
+
 def int_list(low: int) -> Rule:
     return Rule(f"a non-empty list of integers >= {low}", lambda v: bool(v) and all(x >= low for x in v), [low - 1])
 
@@ -119,6 +125,8 @@ RULES: dict[str, Rule] = {
     "eval.chat_prompts": minimum(1), "eval.chat_max_new_tokens": minimum(1),
     "eval.recall_warn_ratio": between(0, 1, what="the share of the teacher's recall below which the summary warns"),
     "eval.kl_warn": positive(),
+    "eval.lm_eval_tasks": names(), "eval.lm_eval_limit": minimum(1, optional=True),
+    "eval.lm_eval_batch_size": minimum(1),
     "export.dtype": choice(*EXPORT_DTYPES), "export.format": choice(*EXPORT_FORMATS),
     "logger.kind": choice(*LOGGER_KINDS), "logger.mode": choice(*LOGGER_MODES),
     "deepspeed.zero_stage": Rule("0, 1, 2, 3", lambda v: v in (0, 1, 2, 3), 4, choice=True),

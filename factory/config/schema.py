@@ -157,6 +157,12 @@ class EvalConfig:
     # that retrieves, the one hybrid that kept its recall (91%) had KL 0.18, every one at 0.36 or
     # more kept at most 7%; the embedded demo's hybrid sat at 0.22-0.25 (docs/QUALITY.md, issue 3).
     kl_warn: float = 0.3
+    # lm-eval tasks run on the export and on the teacher, scores side by side ([]: off). The local ones
+    # (factory/eval/lm_eval_tasks: hmf_kv_recall, hmf_passkey, hmf_kv_choice, hmf_continuation; tag hmf)
+    # need no network; lm-eval's own tasks need their data in the Hugging Face cache.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None  # at most this many documents a task (None: all)
+    lm_eval_batch_size: int = 8
 
 
 @dataclass

@@ -47,6 +47,7 @@ def validate_static(cfg: PrimeConfig) -> None:
     check_fields(cfg)
     _check_select(cfg)
     _check_export_format(cfg)
+    _check_lm_eval(cfg)
     _check_long_context(cfg)
     _check_distill_teacher(cfg)
 
@@ -68,6 +69,20 @@ def _check_export_format(cfg: PrimeConfig) -> None:
     if cfg.init.qk_norm == "scale":
         raise ConfigError("export.format=qwen3_5 cannot hold init.qk_norm=scale (Qwen3.5's GDN has no per-channel "
                           "q/k scale); use export.format=hqwen3")
+
+
+def _check_lm_eval(cfg: PrimeConfig) -> None:
+    """lm-eval runs on the export as a user gets it, loaded by stock transformers (no trust_remote_code)."""
+    tasks = cfg.eval.lm_eval_tasks
+    if not tasks or "eval" not in cfg.stages:
+        return
+    named = f"eval.lm_eval_tasks=[{','.join(tasks)}]"
+    if "export" not in cfg.stages:
+        raise ConfigError(f"{named} runs on the export, but stages=[{','.join(cfg.stages)}] has no export; "
+                          "accepted: export before eval in stages, or eval.lm_eval_tasks=[]")
+    if cfg.export.format != "qwen3_5":
+        raise ConfigError(f"{named} needs export.format=qwen3_5, which stock transformers loads (export.format="
+                          f"{cfg.export.format} needs our code); accepted: export.format=qwen3_5, or eval.lm_eval_tasks=[]")
 
 
 def _check_long_context(cfg: PrimeConfig) -> None:
@@ -185,6 +200,10 @@ def validate_inputs(cfg: PrimeConfig) -> None:
     for section, key in data_keys:
         _check_data_files(f"{section}.{key}", getattr(getattr(cfg, section), key), cfg.data.text_field)
     _check_recall_files(cfg)
+    if cfg.eval.lm_eval_tasks and "eval" in cfg.stages:
+        from factory.eval.harness import check_tasks
+
+        check_tasks(cfg.eval.lm_eval_tasks)
     check_data_lengths(cfg, tokenizer, max(1, launched_world_size()))
     if "sft" in cfg.stages:
         _check_chat(cfg, tokenizer)

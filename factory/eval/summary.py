@@ -1,8 +1,9 @@
 """The end-of-pipeline summary: teacher against primed hybrid, as a table (summary.md) and JSON.
 
-The table opens with recall (what attention is for, and what a hybrid loses first), then held-out
-loss and KL: a held-out loss below the teacher's does not mean a better model (an overfit teacher
-loses to any smoother student on held-out text), so loss is never reported alone. ``WARNING`` lines
+The table opens with recall (what attention is for, and what a hybrid loses first) and the lm-eval
+scores of teacher and export when ``eval.lm_eval_tasks`` names tasks, then held-out loss and KL: a
+held-out loss below the teacher's does not mean a better model (an overfit teacher loses to any
+smoother student on held-out text), so loss is never reported alone. ``WARNING`` lines
 follow the table when the hybrid keeps too little of the teacher's recall or drifts too far from it.
 """
 
@@ -29,6 +30,19 @@ def _recall_rows(recall: dict) -> list[tuple[str, str, str, str]]:
     for name, row in recall.get("files", {}).items():
         rows.append((f"recall file {Path(name).name} ({row['items']} items)", f"{row['teacher']:.2f}",
                      f"{row['hybrid']:.2f}", _kept(row)))
+    return rows
+
+
+def _lm_eval_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    """One row a task and metric (lm-eval keys a metric by ``<metric>,<filter>``; the filter is named
+    when there is one)."""
+    rows = []
+    for task, row in (result.get("lm_eval") or {}).get("by_task", {}).items():
+        for key, m in row["metrics"].items():
+            metric, _, filtered = key.partition(",")
+            name = metric + (f" ({filtered})" if filtered not in ("", "none") else "")
+            items = f", {row['samples']} items" if row.get("samples") else ""
+            rows.append((f"lm-eval {task}: {name}{items}", f"{m['teacher']:.2f}", f"{m['hybrid']:.2f}", _kept(m)))
     return rows
 
 
@@ -86,7 +100,7 @@ def warnings(result: dict) -> list[str]:
 
 
 def summary_table(result: dict, recipe: str) -> str:
-    rows = _recall_rows(result["recall"]) + _loss_rows(result) + _detail_rows(result)
+    rows = _recall_rows(result["recall"]) + _lm_eval_rows(result) + _loss_rows(result) + _detail_rows(result)
     width = max(len(r[0]) for r in rows)
     lines = [f"# Primed hybrid vs teacher ({recipe}; GDN layers {result['gdn_layers']})", "",
              f"| {'metric'.ljust(width)} | teacher | hybrid | hybrid / teacher |", f"|{'-' * (width + 2)}|---|---|---|"]

@@ -1,14 +1,18 @@
 """``eval``: the teacher against the primed hybrid (recall by task and distance and on the user's recall
-files, held-out loss and KL, chat)."""
+files, held-out loss and KL, chat, and the named lm-eval tasks on the export)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from factory.data.chat import read_conversations
 from factory.data.packing import packed_rows
 from factory.eval.chat import chat_agreement
+from factory.eval import harness
 from factory.eval.heldout import heldout_metrics, kv_cache_bytes_per_token, parameter_count, recurrent_state_bytes
 from factory.eval.recall import by_task, compare, compare_files, recall_by_distance, recall_files_accuracy
 from factory.rundir import model_dir, read_stage
@@ -71,14 +75,41 @@ def _before_sft(stage_dir: Path) -> Path | None:
 
 def run_eval(ctx: StageContext) -> dict:
     """Teacher against the primed hybrid. Under ZeRO-3 every rank takes part with partitioned models
-    (the same inputs on each, so the same results) and rank 0 writes them."""
+    (the same inputs on each, so the same results) and rank 0 writes them; lm-eval runs on rank 0 alone."""
     rows = packed_rows(ctx.cfg.data.heldout_files, ctx.tokenizer, ctx.cfg.data.seq_len, ctx.cfg.data.text_field,
                        ctx.cache_dir)
-    with ctx.forward_only(ctx.load_teacher()) as teacher, ctx.forward_only(load_student(ctx).eval()) as student:
-        result = _evaluate(ctx, teacher, student, rows)
+    result = _compare(ctx, rows)
     if ctx.env.is_main:
+        if ctx.cfg.eval.lm_eval_tasks:
+            result["lm_eval"] = _lm_eval(ctx)
         (ctx.stage_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return {"tokens": 0, "student_loss": result["heldout"]["student_loss"], "partitioned_models": ctx.zero3}
+
+
+def _compare(ctx: StageContext, rows) -> dict:
+    # Its own function so that both models are released before lm-eval loads its own copies.
+    with ctx.forward_only(ctx.load_teacher()) as teacher, ctx.forward_only(load_student(ctx).eval()) as student:
+        return _evaluate(ctx, teacher, student, rows)
+
+
+def _lm_eval(ctx: StageContext) -> dict:
+    """The named lm-eval tasks on the teacher and on the export (the directory a user gets), each loaded
+    whole by stock transformers, one model at a time."""
+    e, export = ctx.cfg.eval, model_dir(ctx.parent_dir)  # validation put export right before eval
+    dtype = torch.bfloat16 if ctx.precision == "bf16" else torch.float32
+    limit = f", at most {e.lm_eval_limit} documents each" if e.lm_eval_limit else ""
+    found = {}
+    for who, path in (("teacher", ctx.cfg.model.path), ("hybrid", export)):
+        _progress(ctx, f"lm-eval, {who}: {', '.join(e.lm_eval_tasks)}{limit}")
+        harness.import_qwen3_5_for(str(ctx.device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     attn_implementation=ctx.cfg.model.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        found[who] = harness.run_tasks(model.to(ctx.device).eval(), tokenizer, e.lm_eval_tasks, e.lm_eval_limit,
+                                       e.lm_eval_batch_size)
+        del model
+    return {"tasks": list(e.lm_eval_tasks), "limit": e.lm_eval_limit, "export": str(export),
+            "by_task": harness.compare(found["teacher"], found["hybrid"])}
 
 
 def _progress(ctx: StageContext, part: str) -> None:
@@ -110,8 +141,9 @@ def _evaluate(ctx: StageContext, teacher, student, rows) -> dict:
 
 
 # ``stages``: chat agreement is measured when the pipeline instruction-tunes. The slice holds
-# eval.recall_files (by path, like the data files: edit a file in place and eval is reused) and the
-# warning bounds, which eval.json records for the summary.
+# eval.recall_files (by path, like the data files: edit a file in place and eval is reused), the
+# warning bounds, which eval.json records for the summary, and the lm-eval tasks, limit and batch size
+# (by name, like the recall files by path).
 STAGE = Stage("eval", run_eval, slice="eval",
               shared=(*RUN, *MODEL, "data.heldout_files", "data.chat_heldout_files", "data.text_field",
                       "data.seq_len", "stages", "export.format", *DEEPSPEED), parent="init", ranks="zero3")

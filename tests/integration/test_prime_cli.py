@@ -1,5 +1,6 @@
 """The main job from the command line on the embedded teacher: a shortened gdn_50pct run, its
-artifacts, the quality bound, a fresh-process load of the export, and a rerun that skips."""
+artifacts, the quality bound, a fresh-process load of the export, the ``lm_eval`` command line on the
+export (the eval stage runs the same local tasks in process), and a rerun that skips."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from factory.eval.harness import TASKS_DIR
 from tests.helpers import run_stock_python
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.slow
 # Fewer steps than the demo: the bound checked here is looser than docs/QUALITY.md's.
 SHORT = ["align.steps=60", "distill.steps=80", "longctx.steps=4", "longctx.seq_len=1024", "sft.steps=10",
          "eval.retrieval_samples=8", "eval.retrieval_distances=[64,256,1024]", "eval.heldout_rows=32",
-         "eval.chat_prompts=8", "threads=2"]
+         "eval.chat_prompts=8", "eval.lm_eval_tasks=[hmf]", "eval.lm_eval_limit=8",
+         "threads=2"]
 STAGES = ["select", "init", "align", "distill", "longctx", "sft", "export", "eval"]
 
 
@@ -85,6 +88,46 @@ def test_export_loads_and_generates_in_stock_transformers_without_factory(run):
     card = (model_dir / "README.md").read_text()
     assert "from_pretrained(path)" in card and "trust_remote_code" not in card
     assert "| export format" in (out / "summary.md").read_text() and "qwen3_5" in (out / "summary.md").read_text()
+
+
+def lm_eval_cli(model_dir: Path, tmp_path: Path) -> dict:
+    """``lm_eval`` (the console script) on a model directory, in a fresh process that cannot import
+    factory or fla (stand-ins that raise ImportError come first on the path; fla: see
+    tests.helpers.STOCK_ONLY), offline; lm-eval's results JSON."""
+    for name in ("factory", "fla", "causal_conv1d"):
+        (tmp_path / "hidden" / name).mkdir(parents=True)
+        (tmp_path / "hidden" / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden')\n")
+    # One thread: the tiny model gains nothing from more, and a machine busy with other work loses much.
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hidden"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
+               f"pretrained={model_dir},dtype=float32", "--tasks", "hmf", "--include_path", str(TASKS_DIR),
+               "--device", "cpu", "--batch_size", "8", "--limit", "8", "--output_path", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+
+
+def test_lm_eval_command_line_on_the_export(run, tmp_path):
+    """The local tasks on the Qwen3.5 export through lm-eval's own command line give the scores the eval
+    stage found through its Python API on the same directory (the first 8 documents of each task, both);
+    the teacher recalls (it retrieves inside its training length), and the summary puts teacher and
+    hybrid side by side."""
+    out, _ = run
+    cli = lm_eval_cli(out / "07-export" / "model", tmp_path)
+    stage = json.loads((out / "summary.json").read_text())["lm_eval"]
+    assert stage["tasks"] == ["hmf"] and set(stage["by_task"]) == set(cli["results"])
+    for task, row in stage["by_task"].items():
+        assert row["samples"] == cli["n-samples"][task]["effective"] == 8
+        for metric, scores in row["metrics"].items():
+            assert cli["results"][task][metric] == pytest.approx(scores["hybrid"], abs=1e-9), (task, metric)
+    teacher = {task: row["metrics"] for task, row in stage["by_task"].items()}
+    # On all documents the teacher scores 0.92, 1.00, 1.00 and 0.92 (chance: 0, 0, 0.25, 0.25).
+    assert teacher["hmf_kv_recall"]["exact_match,strip"]["teacher"] >= 0.75
+    assert teacher["hmf_passkey"]["exact_match,strip"]["teacher"] >= 0.75
+    assert teacher["hmf_kv_choice"]["acc,none"]["teacher"] >= 0.75
+    assert teacher["hmf_continuation"]["acc,none"]["teacher"] >= 0.5
+    assert "| lm-eval hmf_kv_recall: exact_match (strip), 8 items" in (out / "summary.md").read_text()
 
 
 def test_rerun_skips_complete_stages(run):

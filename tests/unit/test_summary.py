@@ -46,3 +46,19 @@ def test_warning_when_kl_is_above_its_bound():
     lines = warnings(fake_result(hybrid_kv=1.0, kl=0.45))
     assert lines == ["WARNING: KL(teacher || hybrid) 0.4500 / token is above eval.kl_warn=0.3"]
     assert warnings(fake_result(hybrid_kv=1.0, kl=0.45, warn={"recall_ratio": 0.9, "kl": 0.5})) == []
+
+
+def test_lm_eval_rows_follow_recall_with_teacher_hybrid_and_share_kept():
+    from factory.eval.harness import compare as compare_tasks
+
+    def scores(em: float, acc: float) -> dict:
+        return {"hmf_kv_recall": {"samples": 24, "metrics": {"exact_match,strip": em}},
+                "hmf_kv_choice": {"samples": 24, "metrics": {"acc,none": acc}}}
+
+    result = fake_result(hybrid_kv=1.0)
+    result["lm_eval"] = {"tasks": ["hmf"], "limit": None, "by_task": compare_tasks(scores(1.0, 0.5), scores(0.75, 0.0))}
+    rows = [line for line in summary_table(result, "r").splitlines() if line.startswith("| ")]
+    assert rows[4].startswith("| lm-eval hmf_kv_recall: exact_match (strip), 24 items")
+    assert rows[4].endswith("| 1.00 | 0.75 | 75% |")
+    assert rows[5].startswith("| lm-eval hmf_kv_choice: acc, 24 items") and rows[5].endswith("| 0.50 | 0.00 | 0% |")
+    assert rows[6].startswith("| held-out loss")

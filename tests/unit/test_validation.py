@@ -284,3 +284,24 @@ def test_unexpected_failure_is_one_line_and_a_log(tmp_path, capsys, monkeypatch)
 
 def test_rules_use_their_own_fields():
     assert all(dataclasses.is_dataclass(schema_keys()[p.rpartition(".")[0]]) for p in RULES if "." in p)
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["eval.lm_eval_tasks=[hmf_kv_recal]"], ["eval.lm_eval_tasks: unknown lm-eval task(s) hmf_kv_recal",
+                                             "hmf_kv_recall"]),
+    (["eval.lm_eval_tasks=[hmf]", "export.format=hqwen3"], ["eval.lm_eval_tasks=[hmf] needs export.format=qwen3_5"]),
+    (["eval.lm_eval_tasks=[hmf]", "stages=[select,init,align,eval]"], ["has no export", "export before eval"]),
+])
+def test_lm_eval_tasks_are_checked_before_anything_runs(overrides, fragments, tmp_path, capsys):
+    one_error(capsys, lambda: main([RECIPE, f"output_dir={tmp_path / 'run'}", *overrides]), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_lm_eval_tasks_without_lm_eval_installed(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    one_error(capsys, lambda: main([RECIPE, f"output_dir={tmp_path / 'run'}", "eval.lm_eval_tasks=[hmf]"]),
+              "needs the lm-eval package", ".[lmeval]")
+    assert not (tmp_path / "run").exists()
