@@ -115,26 +115,18 @@ def _selection_study_arms(args, ratios, methods, variants) -> list[Arm]:
 
 
 def use_naive_gdn_on_cuda() -> None:
-    """Route the CUDA dispatch of factory.ops.gated_delta_rule to the pure-torch reference."""
-    import types
-
+    """Route the CUDA dispatch of factory.ops.gated_delta_rule, and the GDN output norm, to the
+    pure-torch reference. The package binds fla's entry points when it is imported, so they are
+    replaced there (replacing the backend module in sys.modules after that import changes nothing:
+    the first GPU run of this study compiled and ran fla's kernels in every arm)."""
+    import factory.ops.gated_delta_rule as gdr
+    from factory.layers.gdn import GatedRMSNorm
     from factory.ops.gated_delta_rule import naive
 
-    module = types.ModuleType("factory.ops.gated_delta_rule.fla_backend")
-    module.fla_chunk = naive.naive_chunk_gated_delta_rule
-    module.fla_recurrent = naive.naive_recurrent_gated_delta_rule
-    module.fla_conv = naive.naive_causal_conv1d
-    module.fla_gated_rms_norm = _gated_rms_norm
-    sys.modules[module.__name__] = module
-
-
-def _gated_rms_norm(x, gate, weight, eps: float):
-    """The GDN output norm's pure-torch form (``factory.layers.gdn``'s CPU path)."""
-    import torch.nn.functional as F
-
-    xf = x.float()
-    xf = xf * xf.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
-    return (xf * weight.float() * F.silu(gate.float())).to(x.dtype)
+    gdr.fla_chunk = naive.naive_chunk_gated_delta_rule
+    gdr.fla_recurrent = naive.naive_recurrent_gated_delta_rule
+    gdr.fla_conv = naive.naive_causal_conv1d
+    GatedRMSNorm.fused_on_cuda = False
 
 
 EVAL_SEED = 1234  # the same retrieval samples for every arm and for the teacher

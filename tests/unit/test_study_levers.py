@@ -169,3 +169,20 @@ def test_smoke_one_arm_end_to_end_then_the_report(tmp_path):
     assert arm["summary"]["kl"] > 0 and arm["stages"]["distill"]["steps"] == 2
     report.main([str(results), "--figures", str(tmp_path), "--markdown", str(tmp_path / "report.md")])
     assert "| alternate | 1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_naive_gdn_route_replaces_what_the_cuda_dispatch_calls(monkeypatch):
+    """The study's --gdn-kernel naive must reach the functions the package's CUDA branch calls (the
+    first GPU run patched sys.modules after the package had bound fla's entry points)."""
+    import factory.ops.gated_delta_rule as gdr
+    from factory.layers.gdn import GatedRMSNorm
+    from factory.ops.gated_delta_rule import naive
+
+    for name in ("fla_chunk", "fla_recurrent", "fla_conv"):
+        monkeypatch.setattr(gdr, name, getattr(gdr, name))  # restored after the test
+    monkeypatch.setattr(GatedRMSNorm, "fused_on_cuda", True)
+    _script("run_study").use_naive_gdn_on_cuda()
+    assert gdr.fla_chunk is naive.naive_chunk_gated_delta_rule
+    assert gdr.fla_recurrent is naive.naive_recurrent_gated_delta_rule
+    assert gdr.fla_conv is naive.naive_causal_conv1d
+    assert GatedRMSNorm.fused_on_cuda is False
