@@ -12,14 +12,17 @@ test: install lint
 
 # The supported transformers range is TF_ENDS (pyproject.toml). The suite runs on the installed one;
 # the Qwen3.5 export tests (stock load, equal logits, cached generation, vLLM names) also run on the
-# other end, in a second virtual environment over the system packages (a few minutes).
+# other end, in a second virtual environment over the system packages (a few minutes). The venv
+# borrows the system's pip (no pip of its own to install), and pip leaves byte-compiling to the imports
+# (compiling all of transformers took most of a minute; the tests import a small part of it).
 TF_ENDS ?= 5.17.0 5.23.0
 TF_VENV ?= .venv-transformers
 test-transformers-other-end:
 	@tf=$$($(PY) -c "import transformers; print(transformers.__version__)"); \
 	other=$$(for v in $(TF_ENDS); do case "$$tf" in "$${v%.*}".*) ;; *) echo $$v ;; esac; done | head -n 1); \
 	echo "transformers $$tf installed; export tests on $$other"; \
-	$(PY) -m venv --system-site-packages $(TF_VENV) && $(TF_VENV)/bin/pip install -q "transformers==$$other" && \
+	$(PY) -m venv --without-pip --system-site-packages $(TF_VENV) && \
+	$(TF_VENV)/bin/python -m pip install -q --no-compile "transformers==$$other" && \
 	PYTHONPATH=$(CURDIR) $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout=900 \
 		tests/unit/test_qwen3_5_export.py tests/unit/test_qwen3_5_vllm_names.py
 

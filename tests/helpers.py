@@ -73,3 +73,57 @@ def run_stock_python(script: str, cwd, timeout: int = 600):
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     return subprocess.run([sys.executable, "-c", STOCK_ONLY + script], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ``python -m factory.prime`` once per case, each case a child forked after the imports: the parent
+# loads the libraries a run imports (seconds per interpreter) once, and each child then runs
+# factory.prime as __main__ in its own working directory with its own stdout and stderr, and exits as
+# that command would (its exit status; atexit handlers run). Whatever the imports print is kept apart
+# (in a fresh interpreter it would open every case's output).
+_PRIME_CASES = """
+import json, os, runpy, sys
+cases = json.loads(sys.argv[1])
+logs = sys.argv[2]
+saved = os.dup(1), os.dup(2)
+with open(os.path.join(logs, "imports.out"), "w") as out:
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    import factory.pipeline  # the heavy part of factory.prime's imports; factory.prime runs in each child
+    import hydra
+    sys.stdout.flush()
+    sys.stderr.flush()
+os.dup2(saved[0], 1)
+os.dup2(saved[1], 2)
+codes = {}
+for name, (cwd, args) in cases.items():
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        for fd, stream in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(os.path.join(logs, f"{name}.{stream}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [os.path.join(os.path.dirname(factory.pipeline.__file__), "prime.py"), *args]
+        runpy.run_module("factory.prime", run_name="__main__", alter_sys=True)
+        sys.exit(0)
+    codes[name] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(codes))
+"""
+
+
+def run_prime_cases(cases: dict[str, tuple[Path, list[str]]], logs: Path, timeout: int = 300):
+    """``{name: (cwd, args)}`` -> ``{name: CompletedProcess}`` of ``python -m factory.prime *args`` run in
+    ``cwd``, all from one interpreter (``_PRIME_CASES``); ``logs`` (outside every ``cwd``) keeps the
+    outputs. Asserts that the imports printed nothing."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    plain = {name: (str(cwd), list(args)) for name, (cwd, args) in cases.items()}
+    parent = subprocess.run([sys.executable, "-c", _PRIME_CASES, json.dumps(plain), str(logs)], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert parent.returncode == 0, parent.stderr[-3000:]
+    assert (logs / "imports.out").read_text() == ""
+    codes = json.loads(parent.stdout.splitlines()[-1])
+    return {name: subprocess.CompletedProcess(cases[name][1], codes[name], (logs / f"{name}.stdout").read_text(),
+                                              (logs / f"{name}.stderr").read_text()) for name in cases}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, **args) -> subprocess.CompletedProcess:
+def launch(nproc: int, args: dict | list[dict]) -> subprocess.CompletedProcess:
+    """``tests.distributed.driver`` under torchrun: one run, or a list of runs in the same processes."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "tests.distributed.driver", json.dumps(args)]
@@ -47,11 +49,50 @@ def checkpointed(**extra) -> dict:
     return {"checkpoint.every_steps": 2, "checkpoint.keep_after_stage": True, **extra}
 
 
+# The uninterrupted runs, by name: the first four stages, 4 steps each, compared with "straight" ...
+LIKE_STRAIGHT = {"straight": {}, "separate_teacher": {"distill.teacher": "separate"},
+                 "activation_checkpointing": {"align.activation_checkpointing": True,
+                                              "distill.activation_checkpointing": True,
+                                              "deepspeed.param_persistence_threshold": 0}}
+# ... and longctx with sequence parallelism, 3 steps, its memory options compared with plain rows.
+LONGCTX_STAGES = ["select", "init", "align", "longctx"]
+LONGCTX = {"plain": {}, "tiled_mlp": {"longctx.tiled_mlp_tokens": 24},
+           "offloaded_checkpoints": {"longctx.activation_checkpointing": True, "longctx.offload_checkpoints": True}}
+
+
 @pytest.fixture(scope="module")
-def straight(assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
-    result = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4)
+def runs(assets, tmp_path_factory) -> Path:
+    """Every uninterrupted run of this module, one after another in one launch of two ranks: a launch
+    (interpreters, imports, process group) costs more than a run of a few steps."""
+    root = tmp_path_factory.mktemp("runs")
+    batch = [dict(assets=assets, output_dir=str(root / name), stages=STAGES, steps=4, **overrides)
+             for name, overrides in LIKE_STRAIGHT.items()]
+    batch += [dict(assets=assets, output_dir=str(root / f"longctx_{name}"), stages=LONGCTX_STAGES, steps=3,
+                   **{"longctx.sp_degree": 2, **overrides}) for name, overrides in LONGCTX.items()]
+    result = launch(2, batch)
     assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight(runs) -> Path:
+    return runs / "straight"
+
+
+@pytest.fixture(scope="module")
+def killed_in_align(assets, tmp_path_factory) -> Path:
+    """A run whose ranks were killed with -9 right after align's checkpoint of step 2 (tests resume copies)."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    killed = launch(2, dict(assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
+                            **checkpointed()))
+    assert killed.returncode != 0 and not (out / "03-align" / "stage.json").exists()
+    assert (out / "03-align" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
     return out
 
 
@@ -63,15 +104,12 @@ def test_align_and_distill_run_under_zero3(straight):
     assert all(v == v for v in losses(straight, "04-distill").values())
 
 
-def test_shared_teacher_equals_the_separate_teacher_under_zero3(assets, straight, tmp_path):
+def test_shared_teacher_equals_the_separate_teacher_under_zero3(runs, straight):
     """trainable=gdn: distill's teacher as a second stream through the partitioned student (its
     converted layers' attention filled from the teacher checkpoint) gives the per-step losses of the
     second-engine teacher."""
     assert json.loads((straight / "04-distill" / "stage.json").read_text())["teacher"] == "shared"
-    out = tmp_path / "run"
-    result = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4,
-                    **{"distill.teacher": "separate"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = runs / "separate_teacher"
     assert json.loads((out / "04-distill" / "stage.json").read_text())["teacher"] == "separate"
     want, got = losses(out, "04-distill"), losses(straight, "04-distill")
     assert got.keys() == want.keys() and len(got) == 4
@@ -79,15 +117,11 @@ def test_shared_teacher_equals_the_separate_teacher_under_zero3(assets, straight
         assert got[step] == pytest.approx(loss, rel=1e-6), step
 
 
-def test_activation_checkpointing_under_zero3_keeps_the_losses(assets, straight, tmp_path):
+def test_activation_checkpointing_under_zero3_keeps_the_losses(runs, straight):
     """align (its GDN branches checkpointed) and distill (whole layers) with activation checkpointing
     and every parameter partitioned (no persistence threshold): with torch's non-reentrant checkpoint
     the recomputation found re-partitioned, empty weights in the backward."""
-    out = tmp_path / "run"
-    result = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4,
-                    **{"align.activation_checkpointing": True, "distill.activation_checkpointing": True,
-                       "deepspeed.param_persistence_threshold": 0})
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = runs / "activation_checkpointing"
     for stage in ("03-align", "04-distill"):
         want, got = losses(straight, stage), losses(out, stage)
         assert got.keys() == want.keys() and len(got) == 4, stage
@@ -95,38 +129,41 @@ def test_activation_checkpointing_under_zero3_keeps_the_losses(assets, straight,
             assert got[step] == pytest.approx(loss, rel=1e-5), (stage, step)
 
 
-def test_exact_resume_after_kill_9(assets, straight, tmp_path):
-    out = tmp_path / "run"
-    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
-                    **checkpointed())
-    assert killed.returncode != 0 and not (out / "03-align" / "stage.json").exists()
-    assert (out / "03-align" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
-    resumed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, **checkpointed())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from checkpoint-00000002" in resumed.stdout
+@pytest.fixture(scope="module")
+def resumed_twice(assets, killed_in_align, tmp_path_factory):
+    """The killed run resumed (align from its checkpoint of step 2), killed again with -9 after
+    distill's checkpoint of step 2, and resumed again: both launches' results."""
+    out = copy_of(killed_in_align, tmp_path_factory.mktemp("resumed"))
+    first = launch(2, dict(assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
+                           kill_stage="distill", **checkpointed()))
+    second = launch(2, dict(assets=assets, output_dir=str(out), stages=STAGES, steps=4, **checkpointed()))
+    return out, first, second
+
+
+def test_exact_resume_after_kill_9(straight, resumed_twice):
+    out, first, second = resumed_twice
+    assert first.returncode != 0 and (out / "03-align" / "stage.json").exists(), first.stderr[-3000:]
+    assert "[align] resumed from checkpoint-00000002" in first.stdout, first.stdout[-3000:]
     assert losses(out, "03-align") == losses(straight, "03-align")  # bitwise, fp32
+    assert second.returncode == 0, second.stderr[-3000:]
     assert losses(out, "04-distill") == losses(straight, "04-distill")
 
 
-def test_exact_resume_of_the_shared_teacher_distill_after_kill_9(assets, straight, tmp_path):
-    out = tmp_path / "run"
-    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, kill_after_step=2,
-                    kill_stage="distill", **checkpointed())
-    assert killed.returncode != 0 and not (out / "04-distill" / "stage.json").exists()
-    assert (out / "04-distill" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
-    resumed = launch(2, assets=assets, output_dir=str(out), stages=STAGES, steps=4, **checkpointed())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "[distill] resumed from checkpoint-00000002" in resumed.stdout
+def test_exact_resume_of_the_shared_teacher_distill_after_kill_9(straight, resumed_twice):
+    out, first, second = resumed_twice
+    assert first.returncode != 0
+    checkpoint = out / "04-distill" / "checkpoints" / "checkpoint-00000002"
+    assert (checkpoint / "COMPLETE").exists(), first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[distill] resumed from checkpoint-00000002" in second.stdout
+    assert json.loads((out / "04-distill" / "stage.json").read_text())["teacher"] == "shared"
     assert losses(out, "04-distill") == losses(straight, "04-distill")  # bitwise, fp32
 
 
-def test_elastic_resume_two_ranks_to_one(assets, straight, tmp_path):
-    out = tmp_path / "run"
-    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, kill_after_step=2,
-                    **checkpointed())
+def test_elastic_resume_two_ranks_to_one(assets, straight, killed_in_align, tmp_path):
+    out = copy_of(killed_in_align, tmp_path)
     checkpoint = out / "03-align" / "checkpoints" / "checkpoint-00000002"
-    assert killed.returncode != 0 and (checkpoint / "COMPLETE").exists(), killed.stderr[-3000:]
-    resumed = launch(1, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, **checkpointed())
+    resumed = launch(1, dict(assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, **checkpointed()))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint-00000002" in resumed.stdout, resumed.stdout[-3000:]
     assert (checkpoint / "engine_universal").exists()
@@ -138,52 +175,38 @@ def test_elastic_resume_two_ranks_to_one(assets, straight, tmp_path):
 
 def test_sigterm_on_one_rank_checkpoints_every_rank_then_stops(assets, tmp_path):
     out = tmp_path / "run"
-    result = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, sigterm_at_step=2,
-                    **{"checkpoint.keep_after_stage": True})
+    result = launch(2, dict(assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, sigterm_at_step=2,
+                            **{"checkpoint.keep_after_stage": True}))
     assert result.returncode != 0
     checkpoint = out / "03-align" / "checkpoints" / "checkpoint-00000002"
     assert (checkpoint / "COMPLETE").exists()
     assert {p.name for p in checkpoint.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
 
 
-def test_changed_config_resume_is_refused(assets, tmp_path):
-    out = tmp_path / "run"
-    killed = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4, kill_after_step=2,
-                    **checkpointed())
-    assert (out / "03-align" / "checkpoints" / "checkpoint-00000002" / "COMPLETE").exists(), killed.stderr[-3000:]
-    refused = launch(2, assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4,
-                     **checkpointed(**{"align.loss": "pre_lm_head"}))  # a setting align reads; earlier stages reused
+def test_changed_config_resume_is_refused(assets, killed_in_align, tmp_path):
+    out = copy_of(killed_in_align, tmp_path)
+    refused = launch(2, dict(assets=assets, output_dir=str(out), stages=STAGES[:3], steps=4,
+                             **checkpointed(**{"align.loss": "pre_lm_head"})))  # a setting align reads
     assert refused.returncode != 0
     assert "made by a different config" in refused.stderr, refused.stderr[-3000:]
 
 
-def test_longctx_with_sequence_parallelism_under_zero3(assets, tmp_path):
-    out = tmp_path / "run"
-    result = launch(2, assets=assets, output_dir=str(out), stages=["select", "init", "align", "longctx"], steps=2,
-                    **{"longctx.sp_degree": 2})
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_longctx_with_sequence_parallelism_under_zero3(runs):
+    out = runs / "longctx_plain"
     meta = json.loads((out / "04-longctx" / "stage.json").read_text())
     assert meta["sp_degree"] == 2 and meta["seq_len"] == 128
-    assert meta["tokens"] == 2 * 2 * 128  # one data-parallel replica: 2 steps x 2 rows x 128 tokens
+    assert meta["tokens"] == 3 * 2 * 128  # one data-parallel replica: 3 steps x 2 rows x 128 tokens
     config = json.loads((out / "04-longctx" / "model" / "config.json").read_text())
     assert config["rope_parameters"]["rope_theta"] == 20000.0
 
 
-def test_longctx_memory_options_under_zero3_and_sequence_parallelism_match_plain_rows(assets, tmp_path):
+def test_longctx_memory_options_under_zero3_and_sequence_parallelism_match_plain_rows(runs):
     """longctx with sequence-tiled MLPs (ZeRO-3 gradients held back until the last tile) and with
     activation checkpoints offloaded to CPU memory gives the per-step losses of plain rows."""
-    options = {"plain": {}, "tiled_mlp": {"longctx.tiled_mlp_tokens": 24},
-               "offloaded_checkpoints": {"longctx.activation_checkpointing": True,
-                                         "longctx.offload_checkpoints": True}}
-    runs = {}
-    for name, overrides in options.items():
-        out = tmp_path / name
-        result = launch(2, assets=assets, output_dir=str(out), stages=["select", "init", "align", "longctx"],
-                        steps=3, **{"longctx.sp_degree": 2, **overrides})
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = losses(out, "04-longctx")
-    assert len(runs["plain"]) == 3
+    plain = losses(runs / "longctx_plain", "04-longctx")
+    assert len(plain) == 3
     for name in ("tiled_mlp", "offloaded_checkpoints"):
-        assert runs[name].keys() == runs["plain"].keys(), name
-        for step, loss in runs["plain"].items():
-            assert runs[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
+        got = losses(runs / f"longctx_{name}", "04-longctx")
+        assert got.keys() == plain.keys(), name
+        for step, loss in plain.items():
+            assert got[step] == pytest.approx(loss, rel=1e-5), (name, step)

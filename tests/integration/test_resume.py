@@ -1,10 +1,11 @@
-"""Exact resume: N steps straight equal N/2 steps, a kill -9, and a resume; damaged checkpoints
-are skipped; SIGTERM saves before stopping; a changed config is refused."""
+"""Exact resume: N steps straight equal a run killed with -9 after a checkpoint and resumed; damaged
+checkpoints are skipped; SIGTERM saves before stopping; a changed config is refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,28 +57,46 @@ def child_kwargs(assets, out, **extra):
     return {"assets": {k: str(v) for k, v in assets.items()}, "output_dir": str(out), "steps": 6, **extra}
 
 
-def test_exact_resume_after_kill_9(assets, tmp_path):
-    straight = run_pipeline(tiny_pipeline_config(assets, tmp_path / "straight", steps=6), "")
-    resumed_dir = tmp_path / "resumed"
-    kwargs = child_kwargs(assets, resumed_dir, **{"checkpoint.every_steps": 3, "checkpoint.keep_after_stage": True})
-    assert run_child_killed_after(kwargs, 3) == -signal.SIGKILL
-    assert not (resumed_dir / "03-align" / "stage.json").exists()
-    cfg = tiny_pipeline_config(assets, resumed_dir, steps=6, **{"checkpoint.every_steps": 3,
-                                                                 "checkpoint.keep_after_stage": True})
-    run_pipeline(cfg, "")
+CHECKPOINTS = {"checkpoint.every_steps": 2, "checkpoint.keep_last": 3, "checkpoint.keep_after_stage": True}
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_pipeline(tiny_pipeline_config(assets, out, steps=6), "")
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed(assets, tmp_path_factory) -> Path:
+    """A run whose process killed itself with -9 right after align's checkpoint of step 4 of 6
+    (checkpoints of steps 2 and 4 kept); each test resumes a copy."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    assert run_child_killed_after(child_kwargs(assets, out, **CHECKPOINTS), 4) == -signal.SIGKILL
+    assert not (out / "03-align" / "stage.json").exists()
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_exact_resume_after_kill_9(assets, straight, killed, tmp_path, capsys):
+    resumed_dir = copy_of(killed, tmp_path)
+    run_pipeline(tiny_pipeline_config(assets, resumed_dir, steps=6, **CHECKPOINTS), "")
+    assert "resumed from checkpoint-00000004" in capsys.readouterr().out
     assert losses(resumed_dir) == losses(straight)  # bitwise, fp32 on CPU
-    assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_damaged_newest_checkpoint_is_skipped(assets, tmp_path, capsys):
-    out = tmp_path / "run"
-    kwargs = child_kwargs(assets, out, **{"checkpoint.every_steps": 2, "checkpoint.keep_last": 3})
-    assert run_child_killed_after(kwargs, 4) == -signal.SIGKILL
+def test_damaged_newest_checkpoint_is_skipped(assets, straight, killed, tmp_path, capsys):
+    out = copy_of(killed, tmp_path)
     newest = checkpoint_root(out / "03-align") / "checkpoint-00000004"
     engine_file = newest / "engine.pt"
     engine_file.write_bytes(engine_file.read_bytes()[:100])  # truncated
-    straight = run_pipeline(tiny_pipeline_config(assets, tmp_path / "straight", steps=6), "")
-    run_pipeline(tiny_pipeline_config(assets, out, steps=6, **{"checkpoint.every_steps": 2}), "")
+    capsys.readouterr()
+    run_pipeline(tiny_pipeline_config(assets, out, steps=6, **CHECKPOINTS), "")
     captured = capsys.readouterr().out
     assert "skipping damaged checkpoint checkpoint-00000004" in captured
     assert "resumed from checkpoint-00000002" in captured
@@ -108,11 +127,9 @@ def test_sigterm_saves_a_checkpoint_then_stops(assets, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None
 
 
-def test_resume_with_changed_config_is_refused(assets, tmp_path):
-    out = tmp_path / "run"
-    kwargs = child_kwargs(assets, out, **{"checkpoint.every_steps": 3})
-    assert run_child_killed_after(kwargs, 3) == -signal.SIGKILL
-    changed = tiny_pipeline_config(assets, out, steps=6, **{"checkpoint.every_steps": 3})
+def test_resume_with_changed_config_is_refused(assets, killed, tmp_path):
+    out = copy_of(killed, tmp_path)
+    changed = tiny_pipeline_config(assets, out, steps=6, **CHECKPOINTS)
     changed.align.optim.lr = 5e-4
     with pytest.raises(ResumeRefused, match="different config"):
         run_pipeline(changed, "")

@@ -1,9 +1,6 @@
 """Config composition, precedence and the one-line errors for bad input (CPU, seconds, no network)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ from factory.config import FACTORY_ROOT, available_recipes, compose
 from factory.config.validate import (ConfigError, check_pipeline_dir, resolve_model_path, validate_inputs,
                                      validate_static)
 from factory.rundir import PipelineDir
+from tests.helpers import run_prime_cases
 
 RECIPES = ["gdn_25pct", "gdn_50pct", "gdn_75pct"]
 MODELS = ["tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b"]
@@ -116,35 +114,50 @@ def test_typo_and_wrong_type_fail_at_composition(override, fragment):
     assert fragment in str(err.value) + str(err.value.__cause__)
 
 
-def run_prime(args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(FACTORY_ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "factory.prime", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+CLI_CASES = ("unknown_recipe", "missing_model", "cfg_job")
 
 
-def test_unknown_recipe_is_one_line_exit_2_nothing_written(tmp_path):
-    proc = run_prime(["+recipe=nope"], tmp_path)
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> dict:
+    """The real command line (``python -m factory.prime``), each case in its own empty directory:
+    ``{case: (directory, CompletedProcess)}``, the cases forked from one interpreter (run_prime_cases)."""
+    root = tmp_path_factory.mktemp("cli")
+    dirs = {name: root / name for name in CLI_CASES}
+    for path in dirs.values():
+        path.mkdir()
+    missing = dirs["missing_model"] / "absent"
+    args = {"unknown_recipe": ["+recipe=nope"],
+            "missing_model": ["+recipe=gdn_50pct", f"model.path='{missing}'",
+                              f"output_dir='{dirs['missing_model'] / 'run'}'"],
+            "cfg_job": ["+recipe=gdn_50pct", "--cfg", "job"]}
+    (root / "logs").mkdir()
+    done = run_prime_cases({name: (dirs[name], args[name]) for name in CLI_CASES}, root / "logs")
+    return {name: (dirs[name], done[name]) for name in CLI_CASES}
+
+
+def test_unknown_recipe_is_one_line_exit_2_nothing_written(cli):
+    cwd, proc = cli["unknown_recipe"]
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: unknown recipe 'nope'; available: gdn_25pct, gdn_50pct, gdn_75pct"]
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         compose(["+recipe=nope"])
 
 
-def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path):
-    missing = tmp_path / "absent"
-    proc = run_prime(["+recipe=gdn_50pct", f"model.path='{missing}'", f"output_dir='{tmp_path / 'run'}'"], tmp_path)
+def test_cli_bad_input_is_one_line_exit_2_nothing_written(cli):
+    cwd, proc = cli["missing_model"]
+    missing = cwd / "absent"
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [f"error: model.path '{missing}' not found: give a local checkpoint "
                                         "directory or a hub id already in the HF cache"]
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
 
 
-def test_cfg_job_prints_resolved_config(tmp_path):
-    proc = run_prime(["+recipe=gdn_50pct", "--cfg", "job"], tmp_path)
+def test_cfg_job_prints_resolved_config(cli):
+    cwd, proc = cli["cfg_job"]
     assert proc.returncode == 0, proc.stderr
     assert "recipe: gdn_50pct" in proc.stdout and f"path: {TEACHER}" in proc.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
 
 
 @pytest.mark.parametrize("ratio", ["0", "1.5", "1.0", "-0.2"])

@@ -7,10 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from factory.config.overrides import schema_keys
 from factory.config.ranges import RULES, UNCONSTRAINED, UNCONSTRAINED_PATTERNS
 from factory.config.schema import PrimeConfig
 from factory.prime import main, precheck, run
+from tests.helpers import run_prime_cases
 
 TEACHER = FACTORY_ROOT / "assets" / "teacher"
 RECIPE = "+recipe=gdn_50pct"
@@ -112,24 +110,35 @@ def test_greedy_with_a_trained_method_is_one_line(method, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def run_prime(args, cwd, **env):
-    env = {**os.environ, "PYTHONPATH": str(FACTORY_ROOT), "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.run([sys.executable, "-m", "factory.prime", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-@pytest.mark.parametrize("override, fragment", [
+REAL_CLI = [
     ("+align.stpes=5", "did you mean align.steps"),
     ("eval.batch_size=0", "eval.batch_size=0 must be an integer >= 1"),
     ("deepspeed=zero3", "launch with torchrun"),
     ("data.seq_len=8192", "beyond the model's 4,096 positions"),
-])
-def test_real_cli(override, fragment, tmp_path):
-    proc = run_prime([RECIPE, f"output_dir={tmp_path / 'run'}", override], tmp_path)
+]
+
+
+@pytest.fixture(scope="module")
+def real_cli(tmp_path_factory) -> dict:
+    """``python -m factory.prime`` for real with each override of REAL_CLI, each in its own empty
+    directory (forked from one interpreter, tests.helpers.run_prime_cases): ``{override: (dir, result)}``."""
+    root = tmp_path_factory.mktemp("real_cli")
+    dirs = {override: root / f"case{i}" for i, (override, _) in enumerate(REAL_CLI)}
+    for path in dirs.values():
+        path.mkdir()
+    (root / "logs").mkdir()
+    done = run_prime_cases({f"case{i}": (dirs[o], [RECIPE, f"output_dir={dirs[o] / 'run'}", o])
+                            for i, (o, _) in enumerate(REAL_CLI)}, root / "logs")
+    return {override: (dirs[override], done[f"case{i}"]) for i, (override, _) in enumerate(REAL_CLI)}
+
+
+@pytest.mark.parametrize("override, fragment", REAL_CLI)
+def test_real_cli(override, fragment, real_cli):
+    cwd, proc = real_cli[override]
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert fragment in lines[0] and "Traceback" not in proc.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
 
 
 def one_field_per_type() -> list[str]:
