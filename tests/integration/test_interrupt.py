@@ -17,7 +17,8 @@ from factory.checkpoint.state import checkpoint_root
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 60
-ARGS = ["+recipe=gdn_50pct", "stages=[select,init,align,eval]", f"align.steps={STEPS}", "align.batch_size=2",
+ARGS = ["+recipe=gdn_50pct", "stages=[select,init,align,eval]",
+        "select.method=alternate", f"align.steps={STEPS}", "align.batch_size=2",
         "align.log_every=1", "data.seq_len=64", "eval.heldout_rows=2", "eval.retrieval_samples=2",
         "eval.retrieval_distances=[16]", "threads=1", "checkpoint.keep_after_stage=true"]
 

@@ -19,7 +19,8 @@ from factory.models.hqwen3 import HQwen3ForCausalLM
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-ARGS = ["stages=[select,init,align,distill,export]", "data.synthetic_mix=0.25", "init.kv_heads=expanded",
+ARGS = ["stages=[select,init,align,distill,export]", "select.method=alternate",
+        "data.synthetic_mix=0.25", "init.kv_heads=expanded",
         "data.seq_len=256", "align.steps=3", "distill.steps=3", "align.batch_size=4", "distill.batch_size=4",
         "export.format=hqwen3", "threads=2"]
 
