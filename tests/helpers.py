@@ -81,9 +81,9 @@ def run_stock_python(script: str, cwd, timeout: int = 600):
 # that command would (its exit status; atexit handlers run). Whatever the imports print is kept apart
 # (in a fresh interpreter it would open every case's output).
 _PRIME_CASES = """
-import json, os, runpy, sys
+import json, os, runpy, signal, sys
 cases = json.loads(sys.argv[1])
-logs = sys.argv[2]
+logs, case_timeout = sys.argv[2], int(sys.argv[3])
 saved = os.dup(1), os.dup(2)
 with open(os.path.join(logs, "imports.out"), "w") as out:
     os.dup2(out.fileno(), 1)
@@ -99,6 +99,7 @@ for name, (cwd, args) in cases.items():
     sys.stdout.flush()
     pid = os.fork()
     if pid == 0:
+        signal.alarm(case_timeout)  # SIGALRM's default action ends a case that hangs
         os.chdir(cwd)
         for fd, stream in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(os.path.join(logs, f"{name}.{stream}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -110,7 +111,7 @@ print(json.dumps(codes))
 """
 
 
-def run_prime_cases(cases: dict[str, tuple[Path, list[str]]], logs: Path, timeout: int = 300):
+def run_prime_cases(cases: dict[str, tuple[Path, list[str]]], logs: Path, case_timeout: int = 120):
     """``{name: (cwd, args)}`` -> ``{name: CompletedProcess}`` of ``python -m factory.prime *args`` run in
     ``cwd``, all from one interpreter (``_PRIME_CASES``); ``logs`` (outside every ``cwd``) keeps the
     outputs. Asserts that the imports printed nothing."""
@@ -120,8 +121,8 @@ def run_prime_cases(cases: dict[str, tuple[Path, list[str]]], logs: Path, timeou
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     plain = {name: (str(cwd), list(args)) for name, (cwd, args) in cases.items()}
-    parent = subprocess.run([sys.executable, "-c", _PRIME_CASES, json.dumps(plain), str(logs)], env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    parent = subprocess.run([sys.executable, "-c", _PRIME_CASES, json.dumps(plain), str(logs), str(case_timeout)],
+                            env=env, capture_output=True, text=True, timeout=300 + case_timeout * len(cases))
     assert parent.returncode == 0, parent.stderr[-3000:]
     assert (logs / "imports.out").read_text() == ""
     codes = json.loads(parent.stdout.splitlines()[-1])

@@ -19,11 +19,13 @@ from tests.helpers import run_stock_python
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-# Fewer steps than the demo: the bound checked here is looser than docs/QUALITY.md's.
-SHORT = ["align.steps=60", "distill.steps=80", "longctx.steps=4", "longctx.seq_len=1024", "sft.steps=10",
-         "eval.retrieval_samples=8", "eval.retrieval_distances=[64,256,1024]", "eval.heldout_rows=32",
-         "eval.chat_prompts=8", "eval.lm_eval_tasks=[hmf]", "eval.lm_eval_limit=8",
-         "threads=2"]
+# Far fewer steps than the demo, and a small eval: the bound checked here is looser than docs/QUALITY.md's.
+# These steps measured (16 held-out rows, alternate selection): primed +1.7% over the teacher's held-out
+# loss, its gap 0.19 of the initialized hybrid's (the bounds: 5% and 0.5), after sft +1.7% (10%). Recall
+# beyond the training length, left out of the mean by task, is checked in test_eval_recall.
+SHORT = ["align.steps=20", "distill.steps=24", "longctx.steps=2", "longctx.seq_len=1024", "sft.steps=4",
+         "eval.retrieval_samples=4", "eval.retrieval_distances=[64,256]", "eval.heldout_rows=16",
+         "eval.chat_prompts=4", "eval.lm_eval_tasks=[hmf]", "eval.lm_eval_limit=8", "threads=2"]
 STAGES = ["select", "init", "align", "distill", "longctx", "sft", "export", "eval"]
 
 
