@@ -189,13 +189,24 @@ def goals(groups: dict, tasks: list[str], default: tuple[str, str]) -> list[str]
 # ------------------------------------------------------------------ figures
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on the machines that draw these)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(plt, fig, axes, ylabel: str, path: Path, legend: bool = True) -> None:
+    """The study figures' common ending: y label on the first panel, legend on the last, saved, closed."""
+    axes[0][0].set_ylabel(ylabel)
+    if legend:
+        axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _errorbar(ax, xs, series: list[list[float]], **kwargs) -> None:
@@ -206,7 +217,7 @@ def _errorbar(ax, xs, series: list[list[float]], **kwargs) -> None:
 
 def plot_kept(groups: dict, tasks: list[str], path: Path) -> None:
     """Share of the teacher's recall kept against the GDN share, per selector, one panel a task."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), sharey=True, squeeze=False)
     selectors = sorted({k[0] for k in groups if k[1] == "default"})
     for ax, task in zip(axes[0], tasks):
@@ -218,16 +229,12 @@ def plot_kept(groups: dict, tasks: list[str], path: Path) -> None:
             ax.axhline(bound, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{task}: recall kept at the training length", fontsize=9)
         ax.set_xlabel("GDN share of layers (%)")
-    axes[0][0].set_ylabel("hybrid / teacher recall (seed range)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, axes, "hybrid / teacher recall (seed range)", path)
 
 
 def plot_distance(results: dict, groups: dict, tasks: list[str], ratio: float, path: Path) -> None:
     """Recall by distance at one GDN share: the teacher and each selector (seed range)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), sharey=True, squeeze=False)
     teacher = results["teacher"]["retrieval"]
     for ax, task in zip(axes[0], tasks):
@@ -241,11 +248,7 @@ def plot_distance(results: dict, groups: dict, tasks: list[str], ratio: float, p
         ax.set_xscale("log", base=2)
         ax.set_title(f"{task} at {round(ratio * 100)}% GDN", fontsize=9)
         ax.set_xlabel("distance (tokens); dotted: training length")
-    axes[0][0].set_ylabel("recall (greedy exact match)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, axes, "recall (greedy exact match)", path)
 
 
 FIGURES = {"kept": "study_levers_kept.png", "distance": "study_levers_distance.png"}

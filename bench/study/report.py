@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # factory, and levers.py beside this file
+from levers import pyplot, save_figure  # noqa: E402  (beside this file; the figures' common parts)
+
 SECTION = "## Selection and initialization study (issue 4)"
 WITHIN, BEYOND, LONG = (32,), (128, 256, 480), (1024, 2048)
 DEFAULT_SIZE = (8, 8)  # select.calibration_rows, select.calibration_samples
@@ -202,17 +204,8 @@ def cost_table(calibration: list[dict]) -> list[str]:
 # ------------------------------------------------------------------ plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_retrieval(groups: dict, methods: list[str], ratios: list[float], teacher: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.4), sharey=True, squeeze=False)
     t = teacher["retrieval"]
     distances = sorted(int(d) for d in t["kv"])
@@ -232,15 +225,11 @@ def plot_retrieval(groups: dict, methods: list[str], ratios: list[float], teache
         ax.set_xscale("log", base=2)
         ax.set_title(f"{round(ratio * 100)}% GDN")
         ax.set_xlabel("distance (tokens); window 64, train length 512")
-    axes[0][0].set_ylabel("retrieval accuracy (kv + passkey)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, axes, "retrieval accuracy (kv + passkey)", path)
 
 
 def plot_scores(groups: dict, ratio: float, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     methods = [m for m in ("swa_proxy", "gdn_proxy", "kl_trained") if groups.get(("selection", "default", m, ratio))]
     if not methods:
         return
@@ -252,10 +241,7 @@ def plot_scores(groups: dict, ratio: float, path: Path) -> None:
         ax.set_title(f"{method} (seed {arm['seed']}): GDN in orange", fontsize=8)
         ax.set_xlabel("layer")
         ax.set_xticks(range(len(scores)))
-    axes[0][0].set_ylabel("damage on long-range tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, axes, "damage on long-range tokens", path, legend=False)
 
 
 # ------------------------------------------------------------------ document
