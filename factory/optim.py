@@ -1,8 +1,10 @@
-"""AdamW's parameter groups and the learning-rate schedule, shared by the local and DeepSpeed engines."""
+"""AdamW, its parameter groups and the learning-rate schedule, shared by the local and DeepSpeed engines."""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 from factory.config.schema import OptimConfig
 
@@ -23,3 +25,14 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
     for _, p in named_params:
         (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(named_params, cfg: OptimConfig, offload: bool = False):
+    """torch's AdamW over our parameter groups, or DeepSpeed's CPU AdamW (same update) when ZeRO-Offload
+    steps the optimizer in CPU memory: DeepSpeed refuses a torch optimizer there."""
+    groups = param_groups(named_params, cfg.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)

@@ -13,20 +13,9 @@ import torch
 from factory.config.schema import DeepSpeedConfig, TrainingConfig
 from factory.distributed.env import DistEnv
 from factory.distributed.zero import zero_config
-from factory.optim import lr_multiplier, param_groups
+from factory.optim import adamw, lr_multiplier
 
 ENGINE_TAG = "engine"  # DeepSpeed's own files live in <checkpoint>/engine/
-
-
-def adamw(named_params, cfg, offload: bool):
-    """torch's AdamW, or DeepSpeed's CPU AdamW (same update) when ZeRO-Offload steps the optimizer in
-    CPU memory: DeepSpeed refuses a torch optimizer there."""
-    groups = param_groups(named_params, cfg.weight_decay)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 class DeepSpeedTrainEngine:

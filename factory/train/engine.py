@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from factory.config.schema import OptimConfig
-from factory.optim import lr_multiplier, param_groups
+from factory.optim import adamw, lr_multiplier
 
 
 class LocalEngine:
@@ -17,8 +17,7 @@ class LocalEngine:
     def __init__(self, model, named_params, cfg: OptimConfig, total_steps: int, precision: str):
         self.model, self.cfg = model, cfg
         self.params = [p for _, p in named_params]
-        self.optimizer = torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), fused=False)
+        self.optimizer = adamw(named_params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
         self.precision = precision

@@ -1,5 +1,6 @@
 """ZeRO-Offload steps the optimizer in CPU memory, where DeepSpeed refuses torch's AdamW (seen on an
-H200 at the Qwen3-32B shape): the engine must hand it DeepSpeed's CPU AdamW with our settings."""
+H200 at the Qwen3-32B shape): the engines' one AdamW builder must hand it DeepSpeed's CPU AdamW with our
+settings."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ deepspeed_adam = pytest.importorskip("deepspeed.ops.adam")
 
 
 def test_offload_takes_deepspeeds_cpu_adamw(monkeypatch):
-    from factory.distributed.engine import adamw
+    from factory.optim import adamw
 
     built = {}
 
