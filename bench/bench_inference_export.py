@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3Config, Qwe
 from bench_inference import SHAPES, free_memory, meta, progress  # noqa: E402
 from factory.models.hqwen3 import HQwen3Config  # noqa: E402
 from factory.models.hqwen3.qwen3_5 import qwen3_5_config  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import elapsed_ms, median_ms  # noqa: E402
 
 MODELS = ("qwen3_5", "qwen3")
 
@@ -71,20 +70,6 @@ def tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
-def event_ms(fn, cuda: bool) -> float:
-    if not cuda:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def measure(model, context: int, args, device, cuda: bool) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (1, context), device=device)
     prefill_ms = median_ms(lambda: model(ids, use_cache=True), 1, 1 if context > 32768 else args.iters, cuda)
@@ -97,7 +82,7 @@ def measure(model, context: int, args, device, cuda: bool) -> dict:
         def step():
             nonlocal tok
             tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        ms = event_ms(step, cuda)
+        ms = elapsed_ms(step, cuda)
         if i >= 2:
             times.append(ms)
     step_ms = statistics.median(times)
