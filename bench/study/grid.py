@@ -53,7 +53,7 @@ LEVER_VARIANTS = {
     "align_pre_lm_head": ["align.loss=pre_lm_head"],
     "full_stages": ["stages=[select,init,align,distill,longctx,sft]"],
 }
-LEVER_BASE = "alternate"  # the shipped recipe's selection: variants change one thing of the default
+LEVER_BASE = "gdn_proxy"  # the shipped recipe's selection (recipes/_base.yaml): variants change one thing of it
 # Up to the training length (512): 480 fills the row; 1024 shows what lies beyond it.
 LEVER_DISTANCES = (64, 128, 256, 480, 1024)
 

@@ -35,7 +35,7 @@ def test_planned_arms_and_picking_them_by_name_group_selector_lever_or_ratio():
     assert len(plan("--arms", "kl_restore")) == 9 and len(plan("--arms", "variant")) == 15
     assert set(plan("--arms", "sel-gdn_proxy*")) == {f"sel-gdn_proxy{g}-r{r}-s{s}" for g in ("", "_greedy")
                                                     for r in (25, 50, 75) for s in (0, 1, 2)}
-    assert plan("--arms", "full_stages", "--seeds", "1") == ["var-full_stages-alternate-r50-s1"]
+    assert plan("--arms", "full_stages", "--seeds", "1") == ["var-full_stages-gdn_proxy-r50-s1"]
     assert plan("--arms", "full_stages", "--seeds", "1", "--variant-base", "kl_restore") == [
         "var-full_stages-kl_restore-r50-s1"]
     assert all("-r50-" in n for n in plan("--arms", "r50"))
@@ -59,13 +59,13 @@ def test_lever_arms_compose_to_what_they_study(tmp_path):
     assert greedy.select.method == "gdn_proxy" and greedy.select.greedy and greedy.distill.steps == 4
     restore, _ = grid.arm_config(arms["sel-kl_restore-r50-s0"], budget, tmp_path)
     assert restore.select.method == "kl_restore" and restore.eval.retrieval_distances == list(grid.LEVER_DISTANCES)
-    full, _ = grid.arm_config(arms["var-full_stages-alternate-r50-s0"], budget, tmp_path)
+    full, _ = grid.arm_config(arms["var-full_stages-gdn_proxy-r50-s0"], budget, tmp_path)
     assert full.stages[-2:] == ["longctx", "sft"] and grid.training_stage(full) == "sft"
     assert grid.training_stage(restore) == "distill"
     for name, overrides in grid.LEVER_VARIANTS.items():
         keys = [o.split("=", 1)[0] for o in overrides]
         if all(k in known for k in keys) and name != "full_stages":  # full_stages: composed above
-            cfg, _ = grid.arm_config(arms[f"var-{name}-alternate-r50-s0"], budget, tmp_path)
+            cfg, _ = grid.arm_config(arms[f"var-{name}-gdn_proxy-r50-s0"], budget, tmp_path)
             assert cfg.select.method == grid.LEVER_BASE
 
 
