@@ -125,6 +125,9 @@ class DistillConfig(TrainStageConfig):
     trainable=gdn leaves every teacher weight frozen) or a second model (``separate``)."""
 
     teacher: str = "auto"  # auto (shared when trainable=gdn) | shared | separate
+    # The shared teacher's stream: per_layer runs it beside the student's through each decoder layer
+    # (ZeRO-3 gathers a layer's weights once for both); whole runs it as a pass of its own first.
+    teacher_stream: str = "per_layer"  # per_layer | whole
 
 
 @dataclass
