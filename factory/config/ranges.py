@@ -133,7 +133,7 @@ RULES: dict[str, Rule] = {
     "logger.kind": choice(*LOGGER_KINDS), "logger.mode": choice(*LOGGER_MODES),
     "deepspeed.zero_stage": Rule("0, 1, 2, 3", lambda v: v in (0, 1, 2, 3), 4, choice=True),
     "deepspeed.reduce_bucket_size": minimum(1), "deepspeed.prefetch_bucket_size": minimum(1),
-    "deepspeed.param_persistence_threshold": minimum(0),
+    "deepspeed.param_persistence_threshold": minimum(0), "deepspeed.max_reuse_distance": minimum(0),
     "checkpoint.every_steps": minimum(0, what="an integer >= 0 (0: off)"),
     "checkpoint.every_minutes": minimum(0, integer=False, what="a number >= 0 (0: off)"),
     "checkpoint.keep_last": minimum(1),

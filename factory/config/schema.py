@@ -195,6 +195,9 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     param_persistence_threshold: int = 100_000
+    # A submodule's gathered weights stay gathered when the step uses them again within this many
+    # parameters (DeepSpeed's stage3_max_reuse_distance; its default).
+    max_reuse_distance: int = 1_000_000_000
 
 
 @dataclass

@@ -41,11 +41,30 @@ class DeepSpeedTrainEngine:
         self.is_main, self.world_size = env.is_main, env.world_size
         self._lr = cfg.lr * lr_multiplier(0, stage.steps, cfg)
 
-    def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed keeps bf16 parameters itself
+    @contextlib.contextmanager
+    def micro_batch(self):
+        """One micro-batch's forward (DeepSpeed keeps bf16 parameters itself: no autocast). The stage
+        losses call submodules (``model.model``, the LM head's weight), never ``engine.forward``, so
+        what it does before its module call is done here: a new gradient-accumulation micro-step
+        (ZeRO-3 would otherwise write each micro-batch's gradients over the last one's) and a new
+        step of ZeRO-3's submodule trace (the top module's forward pre-hook would do it). The trace
+        is recorded in the first micro-batch and complete from the second on, which turns on
+        prefetching and lets a submodule's weights stay gathered until their next use nearby."""
+        optimizer = self.engine.optimizer
+        optimizer.clear_backward_seen_flag()
+        coordinator = zero3_coordinator(self.engine)
+        if coordinator is not None:
+            coordinator.reset_step()
+        yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The loop already divided by the accumulation steps.
+        from deepspeed.runtime.utils import register_output_backward_hooks
+
+        # engine.forward's other half: the backward prologue (the optimizer's accumulation boundary and
+        # backward state) runs when the backward reaches the loss. The loop already divided by the
+        # accumulation steps.
+        register_output_backward_hooks(loss, preprocess_once_fn=self.engine._backward_prologue,
+                                       preprocess_per_tensor_fn=self.engine._backward_prologue_per_tensor)
         self.engine.backward(loss, scale_wrt_gas=False)
         self._lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
@@ -83,6 +102,12 @@ class DeepSpeedTrainEngine:
 
     def barrier(self) -> None:
         self.env.barrier()
+
+
+def zero3_coordinator(engine):
+    """The ZeRO-3 parameter coordinator of a DeepSpeed engine (gathers, trace, prefetch), or None."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    return offload.get_param_coordinator() if offload is not None else None
 
 
 def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
