@@ -195,7 +195,7 @@ def arm_distill(args, run) -> dict:
 
     student = build("hybrid", args, run)
     teacher = build("teacher", args, run).eval().requires_grad_(False)
-    teacher = frozen_engine(teacher, run["ds"], run["precision"], 1)
+    teacher = frozen_engine(teacher, run["ds"], run["precision"], 1, step_module="model")
     params = select_trainable(student, args.distill_trainable)
     flops = lm_flops(student, args.seq_len)
     teacher_forward, _ = stack_flops(teacher, args.seq_len, "teacher")

@@ -50,8 +50,10 @@ class DeepSpeedTrainEngine:
         step of ZeRO-3's submodule trace (the top module's forward pre-hook would do it). The trace
         is recorded in the first micro-batch and complete from the second on, which turns on
         prefetching and lets a submodule's weights stay gathered until their next use nearby."""
-        optimizer = self.engine.optimizer
-        optimizer.clear_backward_seen_flag()
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.engine.optimizer, ZeROOptimizer):  # as engine.forward checks
+            self.engine.optimizer.clear_backward_seen_flag()
         coordinator = zero3_coordinator(self.engine)
         if coordinator is not None:
             coordinator.reset_step()
@@ -105,33 +107,45 @@ class DeepSpeedTrainEngine:
 
 
 def zero3_coordinator(engine):
-    """The ZeRO-3 parameter coordinator of a DeepSpeed engine (gathers, trace, prefetch), or None."""
-    offload = getattr(engine.optimizer, "parameter_offload", None)
-    return offload.get_param_coordinator() if offload is not None else None
+    """The ZeRO-3 parameter coordinator of a DeepSpeed engine (gathers, trace, prefetch), or None. A
+    training engine's optimizer holds it; a forward-only engine's "optimizer" is the offload itself."""
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    return offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None
 
 
-def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
-    """A teacher as a second ZeRO engine without optimizer (sharded, forward only)."""
-    return _forward_engine(model, ds, precision, micro_batch).module
+def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int, step_module: str | None = None):
+    """A teacher as a second ZeRO engine without optimizer (sharded, forward only); see
+    ``_forward_engine`` for ``step_module``."""
+    return _forward_engine(model, ds, precision, micro_batch, step_module)[0].module
 
 
-def _forward_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
+def _forward_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int, step_module: str | None = None):
+    """The engine, and a hook handle or None. ``step_module`` names the submodule the caller runs for
+    each forward instead of the engine's forward (distill's teacher: ``model``, the decoder stack):
+    its forward pre-hook closes ZeRO-3's step as the top module's would, so the trace completes
+    and prefetching runs."""
     import deepspeed
 
     config = zero_config(ds, micro_batch, 1, precision, 0.0, train=False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
-    return engine
+    coordinator = zero3_coordinator(engine) if step_module is not None else None
+    if coordinator is None:
+        return engine, None
+    hook = engine.module.get_submodule(step_module).register_forward_pre_hook(lambda *_: coordinator.reset_step())
+    return engine, hook
 
 
 @contextlib.contextmanager
-def forward_only(model, ds: DeepSpeedConfig, precision: str, micro_batch: int = 1):
+def forward_only(model, ds: DeepSpeedConfig, precision: str, micro_batch: int = 1, step_module: str | None = None):
     """``frozen_engine`` for the duration of the block; the engine is then destroyed and the module
     released, so a sequence of partitioned models (eval) does not pile up in memory."""
-    engine = _forward_engine(model, ds, precision, micro_batch)
+    engine, hook = _forward_engine(model, ds, precision, micro_batch, step_module)
     try:
         yield engine.module
     finally:
+        if hook is not None:
+            hook.remove()
         engine.destroy()
         release_modules([engine.module])
 

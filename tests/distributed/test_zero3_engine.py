@@ -42,7 +42,7 @@ def probe(nproc: int, runs: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks():
     return probe(2, [{"stream": "per_layer", "steps": 3}, {"stream": "per_layer", **BY_DISTANCE},
-                     {"stream": "whole", **BY_DISTANCE}])
+                     {"stream": "whole", **BY_DISTANCE}, {"teacher": "separate", "steps": 3}])
 
 
 def test_trace_completes_and_prefetching_runs(two_ranks):
@@ -51,6 +51,17 @@ def test_trace_completes_and_prefetching_runs(two_ranks):
     steps = two_ranks[0]["steps"]
     assert [s["trace_complete"] for s in steps] == [False, True, True]
     assert all(s["gathered"].get("prefetched", 0) > 0 for s in steps[1:])
+
+
+def test_separate_teacher_engine_traces_and_equals_the_shared_stream(two_ranks):
+    """The separate teacher's forward-only engine, run through ``teacher.model``, completes its trace
+    too (its decoder stack's pre-hook starts each step); with the same weights it gives the shared
+    stream's losses."""
+    shared, separate = two_ranks[0]["steps"], two_ranks[3]["steps"]
+    assert [s["teacher_trace_complete"] for s in separate] == [False, True, True]
+    assert [s["trace_complete"] for s in separate] == [False, True, True]
+    for step, (want, got) in enumerate(zip(shared, separate)):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), step
 
 
 def test_per_layer_gathers_each_layer_once_per_forward(two_ranks):

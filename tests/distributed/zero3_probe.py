@@ -6,13 +6,15 @@ and whether ZeRO-3's trace was complete.
 
     torchrun --nproc_per_node 2 -m tests.distributed.zero3_probe '[{"stream": "per_layer"}]'
 
-Keys of a run: ``stream`` (per_layer | whole), ``engine`` (deepspeed | local), ``steps``,
+Keys of a run: ``stream`` (per_layer | whole), ``teacher`` (shared | separate: a second model, under
+ZeRO-3 a forward-only engine, holding the same weights), ``engine`` (deepspeed | local), ``steps``,
 ``grad_accum``, ``max_reuse_distance``, ``prefetch_bucket_size``, ``checkpointing``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 from collections import Counter
@@ -79,32 +81,39 @@ class GatherCounter:
 
 
 class Probe:
-    """A loop callback recording per-step gathers and the trace state."""
+    """A loop callback recording per-step gathers and the trace state (also of a teacher engine's)."""
 
-    def __init__(self, engine, counter):
-        self.engine, self.counter, self.steps = engine, counter, []
+    def __init__(self, engine, counter, teacher_engine=None):
+        self.engine, self.counter, self.teacher_engine, self.steps = engine, counter, teacher_engine, []
 
     def on_step(self, state) -> None:
         from factory.distributed.engine import zero3_coordinator
 
         coordinator = zero3_coordinator(self.engine.engine) if self.counter else None
-        self.steps.append({"loss": state.loss, "gathered": self.counter.take() if self.counter else {},
-                           "trace_complete": coordinator.is_complete_trace() if coordinator else None})
+        step = {"loss": state.loss, "gathered": self.counter.take() if self.counter else {},
+                "trace_complete": coordinator.is_complete_trace() if coordinator else None}
+        if self.teacher_engine is not None:
+            step["teacher_trace_complete"] = zero3_coordinator(self.teacher_engine).is_complete_trace()
+        self.steps.append(step)
 
     def on_end(self, state) -> None:
         pass
 
 
 def run(args: dict, env, counter: GatherCounter | None) -> dict:
-    from factory.distributed.engine import DeepSpeedTrainEngine, gathered_parameters
+    from factory.distributed.engine import DeepSpeedTrainEngine, _forward_engine, gathered_parameters, release_modules
     from factory.distributed.parallelize import parallelize
-    from factory.stages.distill import shared_loss_fn
+    from factory.stages.distill import distill_loss_fn, shared_loss_fn
     from factory.train.engine import LocalEngine
     from factory.train.loop import train_loop
     from factory.train.trainable import select_trainable
     from tests.helpers import tiny_hybrid
 
     model = tiny_hybrid(seed=11, keep_teacher_attention=True).train()
+    # A separate teacher: the same weights running their attention (the shared teacher's numbers).
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.get("teacher") == "separate" else None
+    if teacher is not None:
+        teacher.model.set_mixer_mode("teacher")
     params = select_trainable(model, "gdn")
     cfg = DistillConfig(steps=args.get("steps", 3), batch_size=2, grad_accum=args.get("grad_accum", 1),
                         loss_tile_tokens=16, teacher_stream=args.get("stream", "per_layer"), plot=False)
@@ -119,9 +128,22 @@ def run(args: dict, env, counter: GatherCounter | None) -> dict:
     else:
         engine = LocalEngine(model, params, cfg.optim, cfg.steps, "fp32")
         ctx = type("Ctx", (), {"gathered": staticmethod(lambda ps: contextlib.nullcontext())})
-    probe = Probe(engine, counter)
-    train_loop(engine, Rows(model.config.vocab_size, env.rank), shared_loss_fn(ctx, cfg, model), cfg.steps,
+    teacher_engine = None
+    if teacher is None:
+        loss_fn = shared_loss_fn(ctx, cfg, model)
+    else:
+        if counter is not None:  # as the stage's frozen_teacher: the decoder stack starts each ZeRO-3 step
+            teacher_engine, hook = _forward_engine(teacher, ds, "fp32", cfg.batch_size, step_module="model")
+            teacher = teacher_engine.module
+        loss_fn = distill_loss_fn(ctx, cfg, model, teacher)
+    probe = Probe(engine, counter, teacher_engine)
+    train_loop(engine, Rows(model.config.vocab_size, env.rank), loss_fn, cfg.steps,
                cfg.grad_accum, [probe], torch.device("cpu"), data_parallel_size=env.world_size)
+    if teacher_engine is not None:
+        if hook is not None:
+            hook.remove()
+        teacher_engine.destroy()
+        release_modules([teacher])
     if counter is not None:
         engine.close()
     return {"steps": probe.steps, "layer_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
