@@ -1,6 +1,6 @@
 """Training throughput under DeepSpeed ZeRO-3 (issue 5; issue 7 at the Qwen3-32B shape).
 
-Four arms, each a fresh sharded model timed for ``--steps`` optimizer steps after ``--warmup``:
+Five arms, each a fresh sharded model timed for ``--steps`` optimizer steps after ``--warmup``:
 
   align     the align stage's step: a 50% hybrid (alternate layers) that keeps the teacher attention
             in converted layers, only GDN trainable, the stage's alignment loss (``--align-loss``)
@@ -8,7 +8,10 @@ Four arms, each a fresh sharded model timed for ``--steps`` optimizer steps afte
             recipe's ``gdn``; ``all`` trains the LM head, which the stage refuses under ZeRO-3),
             the all-attention teacher as a second ZeRO engine without optimizer, tiled forward KL
   distill_shared  the distill stage's shared-teacher step (issue 17, trainable=gdn): one hybrid that keeps
-            the converted layers' attention; the teacher is a no-grad stream through it, one LM head
+            the converted layers' attention; the teacher is a no-grad stream through it beside the
+            student's in each layer (``distill.teacher_stream=per_layer``), one LM head
+  distill_shared_whole  the same with the teacher stream as a pass of its own before the student's
+            (``distill.teacher_stream=whole``)
   baseline  the all-attention Transformer of the same shape, everything trainable, next-token loss
             (the sft/longctx step), under the same ZeRO-3 settings
 
@@ -46,19 +49,21 @@ All arms share one process group (fla's Triton kernels JIT-compile once per proc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ARMS = ("align", "distill", "distill_shared", "baseline")
+ARMS = ("align", "distill", "distill_shared", "distill_shared_whole", "baseline")
 GDN_CHUNK = 64  # fla's chunk size, used by the kernel FLOP count
 GOALS = {"distill_mfu_at_8k": 0.40, "scaling_1_to_4": 0.85}
 # Qwen3 shapes (config.json of Qwen/Qwen3-8B and -32B; tiny = the embedded teacher in assets/).
@@ -190,7 +195,7 @@ def arm_distill(args, run) -> dict:
 
     student = build("hybrid", args, run)
     teacher = build("teacher", args, run).eval().requires_grad_(False)
-    teacher = frozen_engine(teacher, run["ds"], run["precision"], 1)
+    teacher = frozen_engine(teacher, run["ds"], run["precision"], 1, step_module="model")
     params = select_trainable(student, args.distill_trainable)
     flops = lm_flops(student, args.seq_len)
     teacher_forward, _ = stack_flops(teacher, args.seq_len, "teacher")
@@ -199,7 +204,7 @@ def arm_distill(args, run) -> dict:
             "loss_fn": distill_loss_fn(run["ctx"], run["stage"], student, teacher)}
 
 
-def arm_distill_shared(args, run) -> dict:
+def arm_distill_shared(args, run, stream: str = "per_layer") -> dict:
     from factory.stages.distill import shared_loss_fn
     from factory.train.trainable import select_trainable
 
@@ -209,7 +214,7 @@ def arm_distill_shared(args, run) -> dict:
     teacher_forward, _ = stack_flops(model, args.seq_len, "teacher")
     flops["teacher_forward"] = teacher_forward + 2 * _numel(model.lm_head.weight)
     return {"model": model, "params": params, "flops": flops,
-            "loss_fn": shared_loss_fn(run["ctx"], run["stage"], model)}
+            "loss_fn": shared_loss_fn(run["ctx"], dataclasses.replace(run["stage"], teacher_stream=stream), model)}
 
 
 def arm_baseline(args, run) -> dict:
@@ -227,7 +232,7 @@ def arm_baseline(args, run) -> dict:
 
 
 ARM_SETUP = {"align": arm_align, "distill": arm_distill, "distill_shared": arm_distill_shared,
-             "baseline": arm_baseline}
+             "distill_shared_whole": partial(arm_distill_shared, stream="whole"), "baseline": arm_baseline}
 
 
 class FixedRow:
@@ -277,6 +282,7 @@ def time_arm(arm: str, args, run) -> dict:
     device, env = run["device"], run["env"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)  # the same random weights in every arm of a shape (the shared arms compare losses)
     setup = ARM_SETUP[arm](args, run)
     model = setup["model"]
     parallelize(model, activation_checkpointing=args.activation_checkpointing)
@@ -322,7 +328,7 @@ MFU_FORMULA = " ".join(__doc__[__doc__.index("MFU = "):__doc__.index("Scaling ef
 
 
 def setup_run(args) -> dict:
-    from factory.config.schema import DeepSpeedConfig, OptimConfig, PrimeConfig, TrainStageConfig
+    from factory.config.schema import DeepSpeedConfig, DistillConfig, OptimConfig, PrimeConfig
     from factory.distributed.env import init_distributed
     from factory.stages.context import StageContext
 
@@ -333,8 +339,8 @@ def setup_run(args) -> dict:
         torch.cuda.set_device(device)
     precision = "bf16" if cuda else "fp32"  # the pipeline's "auto"
     ds = DeepSpeedConfig(enabled=True, offload_optimizer=args.offload_optimizer)
-    stage = TrainStageConfig(steps=args.warmup + args.steps, batch_size=1, loss_tile_tokens=args.tile_tokens,
-                             optim=OptimConfig(), plot=False)
+    stage = DistillConfig(steps=args.warmup + args.steps, batch_size=1, loss_tile_tokens=args.tile_tokens,
+                          optim=OptimConfig(), plot=False)
     # The stage losses read ZeRO-3 state (gathered LM heads) from a stage context.
     ctx = StageContext(cfg=PrimeConfig(deepspeed=ds), name="distill", stage_dir=Path(tempfile.gettempdir()),
                        parent_dir=None, device=device, precision=precision, env=env, ranks="all")
@@ -430,7 +436,7 @@ def goal_lines(rows: list[dict], seq_len: int) -> list[str]:
         return "not measured" if value is None else f"{100 * value:.1f}% ({'met' if value >= goal else 'NOT met'})"
 
     lines, four = [], [r for r in rows if r["gpus"] == 4 and r["base_gpus"] == 1]
-    for row in (r for r in rows if r["arm"] in ("distill", "distill_shared")):
+    for row in (r for r in rows if r["arm"].startswith("distill")):
         value = row["mfu"] if seq_len == 8192 else None
         lines.append(f"goal: stage 2 ({row['arm']}) MFU >= 40% at 8K, {row['gpus']} GPU(s): "
                      f"{verdict(value, GOALS['distill_mfu_at_8k'])}")

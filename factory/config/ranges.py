@@ -35,6 +35,7 @@ CHAT_OVERFLOW = ("truncate", "drop")
 SCORE_METRICS = ("kl", "loss")
 ALIGN_LOSSES = ("layerwise", "pre_lm_head")
 DISTILL_TEACHERS = ("auto", "shared", "separate")
+TEACHER_STREAMS = ("per_layer", "whole")
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ RULES: dict[str, Rule] = {
     "init.gate_init": choice(*GATE_INITS), "init.qk_norm": choice(*QK_NORMS), "init.conv_init": choice(*CONV_INITS),
     "init.kv_heads": choice(*KV_HEADS),
     "align.loss": choice(*ALIGN_LOSSES), "distill.teacher": choice(*DISTILL_TEACHERS),
+    "distill.teacher_stream": choice(*TEACHER_STREAMS),
     **{f"{stage}.{key}": rule for stage in TRAIN_STAGES for key, rule in TRAIN.items()
        if key in _fields(stage)},
     **{f"{stage}.optim.{key}": rule for stage in TRAIN_STAGES for key, rule in OPTIM.items()},
@@ -131,7 +133,7 @@ RULES: dict[str, Rule] = {
     "logger.kind": choice(*LOGGER_KINDS), "logger.mode": choice(*LOGGER_MODES),
     "deepspeed.zero_stage": Rule("0, 1, 2, 3", lambda v: v in (0, 1, 2, 3), 4, choice=True),
     "deepspeed.reduce_bucket_size": minimum(1), "deepspeed.prefetch_bucket_size": minimum(1),
-    "deepspeed.param_persistence_threshold": minimum(0),
+    "deepspeed.param_persistence_threshold": minimum(0), "deepspeed.max_reuse_distance": minimum(0),
     "checkpoint.every_steps": minimum(0, what="an integer >= 0 (0: off)"),
     "checkpoint.every_minutes": minimum(0, integer=False, what="a number >= 0 (0: off)"),
     "checkpoint.keep_last": minimum(1),

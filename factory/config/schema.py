@@ -125,6 +125,9 @@ class DistillConfig(TrainStageConfig):
     trainable=gdn leaves every teacher weight frozen) or a second model (``separate``)."""
 
     teacher: str = "auto"  # auto (shared when trainable=gdn) | shared | separate
+    # The shared teacher's stream: per_layer runs it beside the student's through each decoder layer
+    # (ZeRO-3 gathers a layer's weights once for both); whole runs it as a pass of its own first.
+    teacher_stream: str = "per_layer"  # per_layer | whole
 
 
 @dataclass
@@ -192,6 +195,9 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     param_persistence_threshold: int = 100_000
+    # A submodule's gathered weights stay gathered when the step uses them again within this many
+    # parameters (DeepSpeed's stage3_max_reuse_distance; its default).
+    max_reuse_distance: int = 1_000_000_000
 
 
 @dataclass

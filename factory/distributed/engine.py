@@ -41,11 +41,32 @@ class DeepSpeedTrainEngine:
         self.is_main, self.world_size = env.is_main, env.world_size
         self._lr = cfg.lr * lr_multiplier(0, stage.steps, cfg)
 
-    def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed keeps bf16 parameters itself
+    @contextlib.contextmanager
+    def micro_batch(self):
+        """One micro-batch's forward (DeepSpeed keeps bf16 parameters itself: no autocast). The stage
+        losses call submodules (``model.model``, the LM head's weight), never ``engine.forward``, so
+        what it does before its module call is done here: a new gradient-accumulation micro-step
+        (ZeRO-3 would otherwise write each micro-batch's gradients over the last one's) and a new
+        step of ZeRO-3's submodule trace (the top module's forward pre-hook would do it). The trace
+        is recorded in the first micro-batch and complete from the second on, which turns on
+        prefetching and lets a submodule's weights stay gathered until their next use nearby."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.engine.optimizer, ZeROOptimizer):  # as engine.forward checks
+            self.engine.optimizer.clear_backward_seen_flag()
+        coordinator = zero3_coordinator(self.engine)
+        if coordinator is not None:
+            coordinator.reset_step()
+        yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The loop already divided by the accumulation steps.
+        from deepspeed.runtime.utils import register_output_backward_hooks
+
+        # engine.forward's other half: the backward prologue (the optimizer's accumulation boundary and
+        # backward state) runs when the backward reaches the loss. The loop already divided by the
+        # accumulation steps.
+        register_output_backward_hooks(loss, preprocess_once_fn=self.engine._backward_prologue,
+                                       preprocess_per_tensor_fn=self.engine._backward_prologue_per_tensor)
         self.engine.backward(loss, scale_wrt_gas=False)
         self._lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
@@ -85,28 +106,46 @@ class DeepSpeedTrainEngine:
         self.env.barrier()
 
 
-def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
-    """A teacher as a second ZeRO engine without optimizer (sharded, forward only)."""
-    return _forward_engine(model, ds, precision, micro_batch).module
+def zero3_coordinator(engine):
+    """The ZeRO-3 parameter coordinator of a DeepSpeed engine (gathers, trace, prefetch), or None. A
+    training engine's optimizer holds it; a forward-only engine's "optimizer" is the offload itself."""
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    return offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None
 
 
-def _forward_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int):
+def frozen_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int, step_module: str | None = None):
+    """A teacher as a second ZeRO engine without optimizer (sharded, forward only); see
+    ``_forward_engine`` for ``step_module``."""
+    return _forward_engine(model, ds, precision, micro_batch, step_module)[0].module
+
+
+def _forward_engine(model, ds: DeepSpeedConfig, precision: str, micro_batch: int, step_module: str | None = None):
+    """The engine, and a hook handle or None. ``step_module`` names the submodule the caller runs for
+    each forward instead of the engine's forward (distill's teacher: ``model``, the decoder stack):
+    its forward pre-hook closes ZeRO-3's step as the top module's would, so the trace completes
+    and prefetching runs."""
     import deepspeed
 
     config = zero_config(ds, micro_batch, 1, precision, 0.0, train=False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
-    return engine
+    coordinator = zero3_coordinator(engine) if step_module is not None else None
+    if coordinator is None:
+        return engine, None
+    hook = engine.module.get_submodule(step_module).register_forward_pre_hook(lambda *_: coordinator.reset_step())
+    return engine, hook
 
 
 @contextlib.contextmanager
-def forward_only(model, ds: DeepSpeedConfig, precision: str, micro_batch: int = 1):
+def forward_only(model, ds: DeepSpeedConfig, precision: str, micro_batch: int = 1, step_module: str | None = None):
     """``frozen_engine`` for the duration of the block; the engine is then destroyed and the module
     released, so a sequence of partitioned models (eval) does not pile up in memory."""
-    engine = _forward_engine(model, ds, precision, micro_batch)
+    engine, hook = _forward_engine(model, ds, precision, micro_batch, step_module)
     try:
         yield engine.module
     finally:
+        if hook is not None:
+            hook.remove()
         engine.destroy()
         release_modules([engine.module])
 

@@ -14,6 +14,7 @@ def zero_config(ds: DeepSpeedConfig, micro_batch: int, grad_accum: int, precisio
         "reduce_bucket_size": ds.reduce_bucket_size,
         "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
         "stage3_param_persistence_threshold": ds.param_persistence_threshold,
+        "stage3_max_reuse_distance": ds.max_reuse_distance,
     }
     if ds.offload_optimizer and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -5,10 +5,12 @@ The teacher runs one of two ways (``distill.teacher``; ``auto`` picks ``shared``
 - ``shared``: with only GDN training, every other student weight is the teacher's (embeddings, MLPs,
   norms, kept attention layers, LM head), so the teacher is a second stream through the student
   itself: converted layers keep their attention (filled from the teacher checkpoint), the teacher
-  stream runs in mixer mode ``teacher`` under no_grad, the student stream in mode ``student``, and one
-  LM head serves both. Two passes per step, not one dual-stream pass per layer: under ZeRO-3 each
-  shared layer is still gathered twice, but memory holds one model plus the converted layers'
-  attention instead of a second model.
+  stream mixes with attention in every layer under no_grad, the student stream with its own mixers,
+  and one LM head serves both. ``distill.teacher_stream=per_layer`` (default) runs the two streams
+  through each decoder layer back to back (``HQwen3Model.forward_dual``), so under ZeRO-3 a layer's
+  weights serve both streams while gathered; ``whole`` runs the teacher as a pass of its own (mixer
+  mode ``teacher``) before the student's, gathering each layer for each pass. Memory holds one model
+  plus the converted layers' attention instead of a second model.
 - ``separate``: the teacher is a second model (under DeepSpeed a second engine without optimizer),
   needed when shared weights train (gdn+norms and up: the teacher would drift with them).
 """
@@ -54,11 +56,16 @@ def distill_loss_fn(ctx: StageContext, cfg: DistillConfig, student, teacher):
 
 def shared_loss_fn(ctx: StageContext, cfg: DistillConfig, model):
     """The same loss with the teacher as a stream through ``model`` (which keeps the converted layers'
-    attention); see ``teacher_stream_hidden`` for how checkpointing treats the teacher stream."""
+    attention), beside the student's in each layer (``per_layer``) or as a pass of its own (``whole``).
+    Either way the teacher stream runs under no_grad: activation checkpointing keeps nothing of it and
+    never recomputes it."""
 
     def kl(batch):
-        target = teacher_stream_hidden(model, batch)
-        hidden = model.model(**model_inputs(batch)).last_hidden_state
+        if cfg.teacher_stream == "per_layer":
+            target, hidden = model.model.forward_dual(**model_inputs(batch))
+        else:
+            target = teacher_stream_hidden(model, batch)
+            hidden = model.model(**model_inputs(batch)).last_hidden_state
         head = model.lm_head.weight
         with ctx.gathered([head]):
             loss = tiled_kl_loss(hidden, target, head, head, batch["labels"], cfg.temperature, cfg.ce_weight,
@@ -107,9 +114,10 @@ def run_distill(ctx: StageContext) -> dict:
     """Stage 2: end-to-end forward KL to the frozen teacher, sequence-tiled."""
     cfg = ctx.cfg.distill
     kind = teacher_kind(cfg)
+    stream = cfg.teacher_stream if kind == "shared" else None
     if ctx.env.is_main:
-        how = ("a second stream through the student's frozen weights" if kind == "shared"
-               else "a second model")
+        how = (f"a second stream through the student's frozen weights, distill.teacher_stream={stream}"
+               if kind == "shared" else "a second model")
         print(f"[distill] teacher: {kind} ({how}; distill.trainable={cfg.trainable})", flush=True)
     if kind == "shared":
         model = load_shared_student(ctx)
@@ -117,7 +125,7 @@ def run_distill(ctx: StageContext) -> dict:
         # The saved model drops the kept attention (run_training's save: keep_teacher_attention).
         result = run_training(ctx, cfg, model, params, shared_loss_fn(ctx, cfg, model),
                               before_save=lambda: model.model.set_mixer_mode("student"))
-        return {**result, "teacher": kind}
+        return {**result, "teacher": kind, "teacher_stream": stream}
     student = load_student(ctx)
     params = select_trainable(student, cfg.trainable)
     if ctx.zero3 and student.lm_head.weight.requires_grad:
@@ -125,10 +133,10 @@ def run_distill(ctx: StageContext) -> dict:
                            "under ZeRO-3; use trainable=gdn or gdn+norms")
     with frozen_teacher(ctx, cfg.batch_size) as teacher:
         result = run_training(ctx, cfg, student, params, distill_loss_fn(ctx, cfg, student, teacher))
-    return {**result, "teacher": kind}
+    return {**result, "teacher": kind, "teacher_stream": stream}
 
 
-# ``teacher`` is not identity: for trainable=gdn both paths compute the same losses (tested), and
-# any other trainable set always runs the separate teacher.
+# ``teacher`` and ``teacher_stream`` are not identity: for trainable=gdn every path computes the same
+# losses (tested), and any other trainable set always runs the separate teacher.
 STAGE = Stage("distill", run_distill, slice="distill", shared=(*RUN, *MODEL, *TEXT, *DEEPSPEED), parent="init",
-              ranks="all", ignored=(*REPORTING, "teacher"))
+              ranks="all", ignored=(*REPORTING, "teacher", "teacher_stream"))

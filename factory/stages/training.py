@@ -159,11 +159,12 @@ def load_student(ctx: StageContext):
 
 
 def frozen_teacher(ctx: StageContext, micro_batch: int):
-    """The teacher for the block: under DeepSpeed a second engine without optimizer, released after."""
+    """The teacher for the block: under DeepSpeed a second engine without optimizer, released after.
+    Its decoder stack (``teacher.model``, what the distill loss calls) starts each ZeRO-3 step."""
     teacher = ctx.load_teacher()
     if not ctx.cfg.deepspeed.enabled:
         return contextlib.nullcontext(teacher)
-    return forward_only(teacher, ctx.cfg.deepspeed, ctx.precision, micro_batch)
+    return forward_only(teacher, ctx.cfg.deepspeed, ctx.precision, micro_batch, step_module="model")
 
 
 def teacher_stream_hidden(model, batch: dict) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The optimizer seam. The loop calls ``backward``, ``step`` and ``autocast`` and never touches the
-optimizer itself, so a DeepSpeed engine can stand in for ``LocalEngine`` without loop changes."""
+"""The optimizer seam. The loop runs each micro-batch's loss inside ``micro_batch()``, then calls
+``backward`` and ``step``, and never touches the optimizer itself, so a DeepSpeed engine can stand in
+for ``LocalEngine`` without loop changes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class LocalEngine:
             self.optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
         self.precision = precision
 
-    def autocast(self):
+    def micro_batch(self):
+        """One micro-batch's forward: bf16 autocast on CUDA."""
         device = next(self.model.parameters()).device
         if self.precision == "bf16" and device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)

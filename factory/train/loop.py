@@ -44,7 +44,7 @@ def train_loop(engine, loader, loss_fn: LossFn, total_steps: int, grad_accum: in
         loss_sum, metric_sums = 0.0, {}
         for _ in range(grad_accum):
             batch = to_device(loader.next_batch(), device)
-            with engine.autocast():
+            with engine.micro_batch():
                 loss, metrics = loss_fn(batch)
             engine.backward(loss / grad_accum)
             loss_sum += float(loss.detach()) / grad_accum

@@ -1,4 +1,4 @@
-"""bench/bench_zero3_throughput.py end to end on 2 CPU ranks over gloo (all four arms, tiny shape),
+"""bench/bench_zero3_throughput.py end to end on 2 CPU ranks over gloo (all five arms, tiny shape),
 and its --report merge of a 1-rank and a 2-rank result (~25 s on a 2-core machine)."""
 
 from __future__ import annotations
@@ -31,13 +31,18 @@ def test_bench_runs_every_arm_and_merges(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads(out.read_text())
-    assert run["world_size"] == 2 and list(run["arms"]) == ["align", "distill", "distill_shared", "baseline"]
+    shared = ("distill_shared", "distill_shared_whole")
+    assert run["world_size"] == 2 and list(run["arms"]) == ["align", "distill", *shared, "baseline"]
     for name, arm in run["arms"].items():
         assert len(arm["step_seconds"]) == 2 and arm["tokens_per_s_per_gpu"] > 0, name
         assert arm["flops_per_token"] > 0 and arm["mfu"] is None and arm["peak_memory_gib"] is None, name
     assert run["arms"]["baseline"]["trainable_params"] == run["arms"]["baseline"]["params"]
-    for name in ("distill", "distill_shared"):
+    for name in ("distill", *shared):
         assert run["arms"][name]["flops_per_token_parts"]["teacher_forward"] > 0, name
+    # per-layer and whole teacher streams: the same model, the same FLOPs, the same losses (fp32)
+    per_layer, whole = (run["arms"][name] for name in shared)
+    assert per_layer["params"] == whole["params"] and per_layer["flops_per_token"] == whole["flops_per_token"]
+    assert per_layer["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-6)
     # the student plus the converted layers' attention (the separate arm's teacher, a second model, is not counted)
     assert run["arms"]["distill_shared"]["params"] > run["arms"]["distill"]["params"]
     assert 0 < run["arms"]["align"]["trainable_params"] < run["arms"]["align"]["params"]
@@ -51,7 +56,7 @@ def test_bench_runs_every_arm_and_merges(tmp_path):
                              "--json", str(merged)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     rows = json.loads(merged.read_text())["rows"]
-    assert {(r["arm"], r["gpus"]) for r in rows} == {(a, n) for a in ("align", "distill", "distill_shared", "baseline")
+    assert {(r["arm"], r["gpus"]) for r in rows} == {(a, n) for a in ("align", "distill", *shared, "baseline")
                                                         for n in (1, 2)}
     assert all(r["scaling_efficiency"] == pytest.approx(1.0 if r["gpus"] == 1 else 0.5) for r in rows)
     assert "| distill | 2 |" in report.stdout and "MFU = " in report.stdout

@@ -1,5 +1,6 @@
-"""align and distill under ZeRO-3 on 2 CPU processes over gloo: exact resume after kill -9,
-elastic resume 2 -> 1 through universal checkpoints, SIGTERM checkpoints, refused resumes."""
+"""align and distill under ZeRO-3 on 2 CPU processes over gloo: distill's teacher paths (per-layer and
+whole shared stream, separate engine) at equal losses, activation checkpointing, exact resume after
+kill -9, elastic resume 2 -> 1 through universal checkpoints, SIGTERM checkpoints, refused resumes."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def checkpointed(**extra) -> dict:
 
 # The uninterrupted runs, by name: the first four stages, 4 steps each, compared with "straight" ...
 LIKE_STRAIGHT = {"straight": {}, "separate_teacher": {"distill.teacher": "separate"},
+                 "whole_teacher_stream": {"distill.teacher_stream": "whole"},
                  "activation_checkpointing": {"align.activation_checkpointing": True,
                                               "distill.activation_checkpointing": True,
                                               "deepspeed.param_persistence_threshold": 0}}
@@ -104,13 +106,18 @@ def test_align_and_distill_run_under_zero3(straight):
     assert all(v == v for v in losses(straight, "04-distill").values())
 
 
-def test_shared_teacher_equals_the_separate_teacher_under_zero3(runs, straight):
+@pytest.mark.parametrize("other", ["separate_teacher", "whole_teacher_stream"])
+def test_shared_teacher_equals_the_separate_teacher_under_zero3(runs, straight, other):
     """trainable=gdn: distill's teacher as a second stream through the partitioned student (its
-    converted layers' attention filled from the teacher checkpoint) gives the per-step losses of the
+    converted layers' attention filled from the teacher checkpoint), beside the student's in each
+    layer (per_layer, the default) or as a pass of its own (whole), gives the per-step losses of the
     second-engine teacher."""
-    assert json.loads((straight / "04-distill" / "stage.json").read_text())["teacher"] == "shared"
-    out = runs / "separate_teacher"
-    assert json.loads((out / "04-distill" / "stage.json").read_text())["teacher"] == "separate"
+    meta = json.loads((straight / "04-distill" / "stage.json").read_text())
+    assert (meta["teacher"], meta["teacher_stream"]) == ("shared", "per_layer")
+    out = runs / other
+    meta = json.loads((out / "04-distill" / "stage.json").read_text())
+    assert (meta["teacher"], meta["teacher_stream"]) == {"separate_teacher": ("separate", None),
+                                                         "whole_teacher_stream": ("shared", "whole")}[other]
     want, got = losses(out, "04-distill"), losses(straight, "04-distill")
     assert got.keys() == want.keys() and len(got) == 4
     for step, loss in want.items():

@@ -1,7 +1,7 @@
-"""distill's shared teacher (a second stream through the student's own frozen weights) against the
-separate teacher model, on one process in fp32: the same per-step losses for trainable=gdn (after align
-and straight after init), with activation checkpointing, and after a kill -9 and resume; the saved
-student drops the teacher attention."""
+"""distill's shared teacher (a second stream through the student's own frozen weights, per layer or as a
+whole pass) against the separate teacher model, on one process in fp32: the same per-step losses for
+trainable=gdn (after align and straight after init), with activation checkpointing, and after a kill -9
+and resume; the saved student drops the teacher attention."""
 
 from __future__ import annotations
 
@@ -57,10 +57,10 @@ def assert_close(got: dict, want: dict, rel: float = 1e-6) -> None:
 
 
 def test_auto_picks_shared_and_equals_the_separate_teacher(assets, shared, tmp_path):
-    assert stage(shared)["teacher"] == "shared"
+    assert (stage(shared)["teacher"], stage(shared)["teacher_stream"]) == ("shared", "per_layer")
     out = tmp_path / "run"
     run_pipeline(config(assets, out, **{"distill.teacher": "separate"}), "")
-    assert stage(out)["teacher"] == "separate"
+    assert (stage(out)["teacher"], stage(out)["teacher_stream"]) == ("separate", None)
     assert_close(losses(shared), losses(out))
     with safe_open(str(shared / "04-distill" / "model" / "model.safetensors"), framework="pt") as saved:
         keys = set(saved.keys())
@@ -78,9 +78,19 @@ def test_gdn_and_norms_picks_the_separate_teacher(assets, tmp_path):
     assert stage(out)["teacher"] == "separate"
 
 
-def test_activation_checkpointing_keeps_the_shared_losses(assets, shared, tmp_path):
+def test_whole_teacher_stream_equals_per_layer(assets, shared, tmp_path):
+    """distill.teacher_stream=whole (the teacher as a pass of its own) gives the per-layer stream's losses."""
     out = tmp_path / "run"
-    run_pipeline(config(assets, out, **{"distill.activation_checkpointing": True}), "")
+    run_pipeline(config(assets, out, **{"distill.teacher_stream": "whole"}), "")
+    assert (stage(out)["teacher"], stage(out)["teacher_stream"]) == ("shared", "whole")
+    assert_close(losses(out), losses(shared))
+
+
+@pytest.mark.parametrize("stream", ["per_layer", "whole"])
+def test_activation_checkpointing_keeps_the_shared_losses(assets, shared, tmp_path, stream):
+    out = tmp_path / "run"
+    run_pipeline(config(assets, out, **{"distill.activation_checkpointing": True, "distill.teacher_stream": stream}),
+                 "")
     assert_close(losses(out), losses(shared))
 
 

@@ -3,6 +3,9 @@
 With every layer ``full_attention`` this reproduces ``Qwen3ForCausalLM`` (same parameter
 names, same logits). Packed rows are described by restarting ``position_ids``: attention gets
 a block-causal mask from them and GDN layers get the matching ``cu_seqlens``.
+
+``HQwen3Model.forward_dual`` runs a teacher stream (attention everywhere, no grad) and the student
+stream through each decoder layer in one call of that layer (distill's shared teacher).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import (
@@ -48,7 +50,14 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32 if position_ids.is_cuda else torch.long)
 
 
-class HQwen3DecoderLayer(GradientCheckpointingLayer):
+class HQwen3DecoderLayer(nn.Module):
+    # Activation checkpointing of the whole layer: ``gradient_checkpointing`` and
+    # ``_gradient_checkpointing_func`` are set by ``gradient_checkpointing_enable`` or
+    # factory.distributed.activation_checkpointing. Not transformers' GradientCheckpointingLayer: from
+    # 5.2x it checkpoints ``forward`` for every call, so a no-grad teacher stream and align's layers
+    # (which checkpoint their GDN branch alone) would go through the checkpoint too.
+    gradient_checkpointing = False
+
     def __init__(self, config: HQwen3Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -93,13 +102,43 @@ class HQwen3DecoderLayer(GradientCheckpointingLayer):
             self.alignment_pair = (student(x.detach()), target)
         return target
 
-    def __call__(self, *args, **kwargs):
-        if self.mixer_mode == "align" or not torch.is_grad_enabled():
-            # The teacher's stream needs no gradient, so checkpointing it would only keep inputs and
-            # recompute nothing useful: align checkpoints its GDN branch alone (``_mix``), and a stream
-            # under no_grad (distill's shared teacher) runs plainly.
-            return nn.Module.__call__(self, *args, **kwargs)
-        return super().__call__(*args, **kwargs)
+    def __call__(self, hidden_states, *args, **kwargs):
+        # The teacher's stream needs no gradient, so checkpointing it would only keep inputs and
+        # recompute nothing useful: align checkpoints its GDN branch alone (``_mix``), and a stream
+        # under no_grad (distill's shared teacher) runs plainly. The checkpoint wraps ``__call__``, so
+        # the recomputation runs this module's hooks again (ZeRO-3 gathers in the backward).
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if not checkpointed or self.mixer_mode == "align":
+            return super().__call__(hidden_states, *args, **kwargs)
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("a checkpointed layer runs without a decoding cache")
+        return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), hidden_states, *args)
+
+    def _stream(self, hidden_states, mode, masks, position_embeddings, cu_seqlens, **kwargs):
+        """One training stream through the layer: ``teacher`` mixes with attention, ``student`` with
+        the layer's own mixer (GDN in converted layers)."""
+        residual = hidden_states
+        x = self.input_layernorm(hidden_states)
+        if self.is_linear and mode == "student":
+            x = self._gdn(x, masks, cu_seqlens, None)
+        else:
+            x = self._attention(x, masks, position_embeddings, None, **kwargs)
+        hidden_states = residual + x
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def forward_dual(self, student_states, teacher_states, masks, position_embeddings, cu_seqlens=None, **kwargs):
+        """Both streams through this layer back to back, so each submodule's weights serve the two
+        while gathered: the teacher's (no grad, keeps nothing for the backward) then the student's,
+        which alone is checkpointed when checkpointing is on. Called directly, not through
+        ``__call__``: the layer holds no parameters of its own (its submodules' ZeRO-3 hooks gather
+        them), and transformers' checkpointing wrapper of ``forward`` would recompute both streams."""
+        with torch.no_grad():
+            teacher_states = self._stream(teacher_states, "teacher", masks, position_embeddings, cu_seqlens, **kwargs)
+        student = partial(self._stream, mode="student", masks=masks, position_embeddings=position_embeddings,
+                          cu_seqlens=cu_seqlens, **kwargs)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(student, student_states), teacher_states
+        return student(student_states), teacher_states
 
     def forward(self, hidden_states, masks, position_embeddings, past_key_values=None, cu_seqlens=None, **kwargs):
         residual = hidden_states
@@ -160,6 +199,16 @@ class HQwen3Model(HQwen3PreTrainedModel):
             return False
         return bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
 
+    def _layer_inputs(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        """Masks, rotary tables and packed-row boundaries (``cu_seqlens``, or None) for the layers."""
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=past_key_values, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**mask_kwargs),
+                 "linear_attention": create_recurrent_attention_mask(**mask_kwargs)}
+        packed = self.config.linear_layers and self._is_packed(position_ids, attention_mask, past_key_values)
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids.expand(inputs_embeds.shape[0], -1)) if packed else None
+        return masks, self.rotary_emb(inputs_embeds, position_ids), cu_seqlens
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -176,18 +225,34 @@ class HQwen3Model(HQwen3PreTrainedModel):
         if position_ids is None:
             seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
-        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           past_key_values=past_key_values, position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**mask_kwargs),
-                 "linear_attention": create_recurrent_attention_mask(**mask_kwargs)}
-        packed = self.config.linear_layers and self._is_packed(position_ids, attention_mask, past_key_values)
-        cu_seqlens = cu_seqlens_from_position_ids(position_ids.expand(inputs_embeds.shape[0], -1)) if packed else None
+        masks, position_embeddings, cu_seqlens = self._layer_inputs(inputs_embeds, attention_mask, position_ids,
+                                                                    past_key_values)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
             hidden_states = layer(hidden_states, masks, position_embeddings, past_key_values=past_key_values,
                                   cu_seqlens=cu_seqlens, position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+    def forward_dual(self, input_ids, position_ids=None, attention_mask=None, use_cache=None,
+                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (after the final norm) of the teacher stream (attention in every layer,
+        the converted layers' kept attention included; no grad) and of the student stream (this
+        hybrid), both through each decoder layer in one call of it: under ZeRO-3 a layer's weights
+        are gathered once for the two streams. Training only: no decoding cache. ``use_cache`` is
+        accepted and ignored, as the stage's batch inputs carry it."""
+        if not self.config.keep_teacher_attention:
+            raise ValueError("forward_dual needs keep_teacher_attention=True in the config")
+        inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        masks, position_embeddings, cu_seqlens = self._layer_inputs(inputs_embeds, attention_mask, position_ids, None)
+        student, teacher = inputs_embeds, inputs_embeds.detach()
+        for layer in self.layers:
+            student, teacher = layer.forward_dual(student, teacher, masks, position_embeddings, cu_seqlens,
+                                                  position_ids=position_ids, **kwargs)
+        with torch.no_grad():
+            teacher = self.norm(teacher)
+        return teacher, self.norm(student)
 
 
 class HQwen3ForCausalLM(HQwen3PreTrainedModel, GenerationMixin):
