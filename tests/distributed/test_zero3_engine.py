@@ -70,8 +70,10 @@ def test_per_layer_gathers_each_layer_once_per_forward(two_ranks):
     for step, (mine, theirs) in enumerate(zip(per_layer["steps"], whole["steps"])):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6), step
         mine, theirs = mine["gathered"], theirs["gathered"]
-        if step == 0:  # recording the trace, every submodule is released after each call: no saving yet
-            assert mine["forward_layers"] == theirs["forward_layers"] > 1.5 * layers
+        if step == 0:  # recording the trace, every submodule is released after each call: only the
+            # layers below the first converted one, which run once for both streams, are saved
+            assert layers < mine["forward_layers"] < theirs["forward_layers"]
+            assert theirs["forward_layers"] > 1.6 * layers
             continue
         assert mine["forward_layers"] == layers  # each decoder-layer weight once for both streams
         assert theirs["forward_layers"] > 1.6 * layers  # the shared weights twice (two passes)

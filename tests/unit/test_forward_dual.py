@@ -83,6 +83,27 @@ def test_dual_equals_two_passes(checkpointing, monkeypatch):
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("layer_types", [["full_attention", "full_attention", "linear_attention", "full_attention"],
+                                         ["linear_attention", "full_attention", "linear_attention", "full_attention"]])
+def test_layers_below_the_first_converted_one_run_once(layer_types):
+    """Both streams are the same computation until the first converted layer, so those layers run once;
+    from there each layer runs both. The results still equal the two passes'."""
+    base = tiny_hybrid(seed=4, keep_teacher_attention=True, layer_types=layer_types).train()
+    batch = packed_batch(base)
+    want_target, want_hidden, want = student_grads(copy.deepcopy(base), two_passes, batch)
+    model = copy.deepcopy(base)
+    calls = {i: 0 for i in range(len(layer_types))}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda module, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    target, hidden, got = student_grads(model, dual, batch)
+    first = layer_types.index("linear_attention")
+    assert calls == {i: 1 if i < first else 2 for i in calls}
+    torch.testing.assert_close(target, want_target, rtol=0, atol=0)
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-6, atol=1e-7)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_teacher_stream_keeps_no_autograd_state():
     model = tiny_hybrid(seed=3, keep_teacher_attention=True).train()
     select_trainable(model, "gdn")

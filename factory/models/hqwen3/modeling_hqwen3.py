@@ -131,9 +131,15 @@ class HQwen3DecoderLayer(nn.Module):
         while gathered: the teacher's (no grad, keeps nothing for the backward) then the student's,
         which alone is checkpointed when checkpointing is on. Called directly, not through
         ``__call__``: the layer holds no parameters of its own (its submodules' ZeRO-3 hooks gather
-        them), and transformers' checkpointing wrapper of ``forward`` would recompute both streams."""
-        with torch.no_grad():
-            teacher_states = self._stream(teacher_states, "teacher", masks, position_embeddings, cu_seqlens, **kwargs)
+        them), and transformers' checkpointing wrapper of ``forward`` would recompute both streams.
+        ``teacher_states=None``: the streams have not diverged yet (no converted layer below), so an
+        attention layer runs once for both and keeps returning None; a converted layer splits them."""
+        if teacher_states is None and self.is_linear:
+            teacher_states = student_states.detach()
+        if teacher_states is not None:
+            with torch.no_grad():
+                teacher_states = self._stream(teacher_states, "teacher", masks, position_embeddings, cu_seqlens,
+                                              **kwargs)
         student = partial(self._stream, mode="student", masks=masks, position_embeddings=position_embeddings,
                           cu_seqlens=cu_seqlens, **kwargs)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -246,12 +252,13 @@ class HQwen3Model(HQwen3PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         masks, position_embeddings, cu_seqlens = self._layer_inputs(inputs_embeds, attention_mask, position_ids, None)
-        student, teacher = inputs_embeds, inputs_embeds.detach()
+        # Below the first converted layer both streams are the same computation: run it once.
+        student, teacher = inputs_embeds, None
         for layer in self.layers:
             student, teacher = layer.forward_dual(student, teacher, masks, position_embeddings, cu_seqlens,
                                                   position_ids=position_ids, **kwargs)
         with torch.no_grad():
-            teacher = self.norm(teacher)
+            teacher = self.norm(student if teacher is None else teacher)
         return teacher, self.norm(student)
 
 
