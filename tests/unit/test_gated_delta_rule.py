@@ -109,6 +109,27 @@ def test_packed_rows_equal_each_document_alone(mode):
         torch.testing.assert_close(packed_state[i:i + 1], state)
 
 
+# Without states, packed documents run side by side in lanes and restart inside chunks: rows as the
+# data loader packs them (every lane full), and documents that leave padding at lanes' ends.
+@pytest.mark.parametrize("lengths", [[20, 44, 64, 7, 57], [5, 70, 1, 33, 20, 16]], ids=["rows", "ragged"])
+def test_packed_rows_without_states_equal_each_document_alone_with_grads(lengths):
+    q, k, v, g, beta, _ = make_inputs(sum(lengths), B=1)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+
+    def grads_of(outputs, inputs, seed):
+        gen = torch.Generator().manual_seed(seed)
+        loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outputs)
+        return torch.autograd.grad(loss, inputs)
+
+    inputs = (q, k, v, g, beta)
+    packed, state = chunk_gated_delta_rule(*inputs, cu_seqlens=cu, chunk_size=16)
+    assert state is None
+    alone = [chunk_gated_delta_rule(*(t[:, s:e] for t in inputs), chunk_size=16)[0] for s, e in zip(cu[:-1], cu[1:])]
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=1e-6, rtol=1e-5)  # fp32 inside
+    for got, want in zip(grads_of([packed], inputs, 5), grads_of([torch.cat(alone, dim=1)], inputs, 5)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_prefill_then_decode_equals_one_pass():
     q, k, v, g, beta, _ = make_inputs(50, requires_grad=False)
     full, _ = chunk_gated_delta_rule(q, k, v, g, beta)

@@ -64,48 +64,62 @@ def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
     return [t.transpose(1, 2) for t in (q, k, v)] + [g.float().transpose(1, 2), beta.float().transpose(1, 2)]
 
 
-def _chunk_core(q, k, v, g, beta, state, chunk_size, doc_starts=None):
+def _doc_masks(starts: torch.Tensor, N: int, C: int):
+    """Per-chunk masks of packed documents from their start flags ``[B, T]``: which pairs share a
+    document ``[B, 1, N, C, C]``, which positions continue the document the chunk began in (and
+    so read the carried state) and which belong to the chunk's last document (and so write the
+    state it passes on), both ``[B, 1, N, C]`` as 0/1."""
+    doc = starts.reshape(starts.shape[0], 1, N, C).long().cumsum(-1)  # 0: the document carried in
+    same = doc.unsqueeze(-1) == doc.unsqueeze(-2)
+    carried = (doc == 0).float()
+    last = (doc == doc[..., -1:]).float()
+    return same, carried, last
+
+
+def _chunk_core(q, k, v, g, beta, state, chunk_size, starts=None):
     """Chunked (WY) form on ``[B, H, T, D]`` fp32 tensors with T a multiple of ``chunk_size``.
 
-    ``doc_starts`` (packed rows, B = 1): chunk index -> document index for chunks that begin a
-    document; the state restarts there from that document's row of ``state`` (``[N, H, K, V]``),
-    and the returned state holds each document's final state.
+    ``starts`` (``[B, T]`` bool, packed documents side by side in each row): the state restarts
+    from zero where a document starts, also inside a chunk (each pair of positions interacts only
+    within a document).
     """
     B, H, T, K = k.shape
     V = v.shape[-1]
-    C = chunk_size
-    q, k, v = (t.reshape(B, H, T // C, C, t.shape[-1]) for t in (q, k, v))
-    g, beta = (t.reshape(B, H, T // C, C) for t in (g, beta))
+    C, N = chunk_size, T // chunk_size
+    q, k, v = (t.reshape(B, H, N, C, t.shape[-1]) for t in (q, k, v))
+    g, beta = (t.reshape(B, H, N, C) for t in (g, beta))
     g = g.cumsum(-1)
-    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # decay[i, j] = exp(G_i - G_j) for j <= i (masked before exp so it never overflows)
-    decay = (g.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
+    visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if starts is not None:
+        same, carried, last = _doc_masks(starts, N, C)
+        visible = visible & same
+    # decay[i, j] = exp(G_i - G_j) where i sees j (masked before exp so it never overflows)
+    decay = (g.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~visible, float("-inf")).exp()
     k_beta = k * beta.unsqueeze(-1)
+    g_exp = g.exp()
+    g_last = g[..., -1:]  # [B, H, N, 1]
+    state_decay = g_last.exp()  # what is left of the chunk's incoming state at its end
+    k_tail = k * (g_last - g).exp().unsqueeze(-1)
+    if starts is not None:
+        g_exp = g_exp * carried  # a document started in this chunk reads no carried state ...
+        k_tail = k_tail * last.unsqueeze(-1)  # ... and only the last document's writes are passed on
+        state_decay = state_decay * carried[..., -1:]
     # Solve (I + A) W = [k_beta * exp(G), v_beta] with A strictly lower: the WY representation.
-    A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([k_beta * g.exp().unsqueeze(-1), v * beta.unsqueeze(-1)], dim=-1)
-    solved = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
+    # unitriangular: the solve reads only A's strict lower triangle, and its gradient has no other.
+    A = (k_beta @ k.transpose(-1, -2)) * decay
+    rhs = torch.cat([k_beta * g_exp.unsqueeze(-1), v * beta.unsqueeze(-1)], dim=-1)
+    solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     w, u = solved[..., :K], solved[..., K:]
     intra = (q @ k.transpose(-1, -2)) * decay
-    q_decayed = q * g.exp().unsqueeze(-1)
-    g_last = g[..., -1:]  # [B, H, N, 1]
-    k_tail = k * (g_last - g).exp().unsqueeze(-1)
+    q_decayed = q * g_exp.unsqueeze(-1)
     # unbind once per tensor: per-chunk indexing would cost a full-size zero-filled gradient each
     chunks = zip(u.unbind(2), w.unbind(2), q_decayed.unbind(2), intra.unbind(2), k_tail.unbind(2),
-                 g_last.exp().unbind(2))
-    outs, initial, finals, doc = [], state, [], None
-    for i, (u_i, w_i, q_i, intra_i, k_i, decay_i) in enumerate(chunks):
-        if doc_starts is not None and i in doc_starts:
-            if doc is not None:
-                finals.append(state)
-            doc = doc_starts[i]
-            state = initial[doc:doc + 1]
+                 state_decay.unbind(2))
+    outs = []
+    for u_i, w_i, q_i, intra_i, k_i, decay_i in chunks:
         v_new = u_i - w_i @ state
         outs.append(q_i @ state + intra_i @ v_new)
         state = state * decay_i.unsqueeze(-1) + k_i.transpose(-1, -2) @ v_new
-    if doc_starts is not None:
-        state = torch.cat(finals + [state], dim=0)
     return torch.stack(outs, dim=2).reshape(B, H, T, V), state
 
 
@@ -140,42 +154,60 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def _chunk_aligned_layout(cu_seqlens: torch.Tensor, chunk_size: int):
-    """Each packed document padded to whole chunks: positions of the real tokens in the padded row,
-    its length, and chunk index -> document index for chunks that start a document."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    padded = [-(-n // chunk_size) * chunk_size for n in lengths]
-    offsets = [0]
-    for p in padded[:-1]:
-        offsets.append(offsets[-1] + p)
-    index = torch.cat([torch.arange(n) + o for n, o in zip(lengths, offsets)]).to(cu_seqlens.device)
-    return index, sum(padded), {o // chunk_size: j for j, o in enumerate(offsets)}
+def _lanes(cu_seqlens: torch.Tensor, chunk_size: int):
+    """Packed documents laid side by side in lanes: consecutive documents fill a lane as long as
+    they fit in the longest document (rounded up to whole chunks), so rows packed by the data
+    loader come back as those rows. Returns the lane position of every token (None where that is
+    every position in order), the lane count and width, and the document start flags ``[lanes, width]``."""
+    lengths = [n for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if n > 0]
+    width = -(-max(lengths) // chunk_size) * chunk_size
+    offsets, lane_start, used = [], 0, 0
+    for n in lengths:
+        if used + n > width:
+            lane_start, used = lane_start + width, 0
+        offsets.append(lane_start + used)
+        used += n
+    lanes = lane_start // width + 1
+    device = cu_seqlens.device
+    starts = torch.zeros(lanes * width, dtype=torch.bool, device=device)
+    starts[torch.tensor(offsets, device=device)] = True
+    index = None
+    if sum(lengths) != lanes * width:
+        index = torch.cat([torch.arange(n) + o for n, o in zip(lengths, offsets)]).to(device)
+    return index, lanes, width, starts.view(lanes, width)
 
 
-def _packed_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, C):
-    """Packed rows without padding every document to the longest: documents are aligned to chunk
-    boundaries in one row and the state restarts at each (zero padding is inert)."""
+def _packed_chunk(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, C):
+    """Packed rows without states, in lanes (``_lanes``): documents side by side, restarting the
+    state inside chunks where one starts, so the chunk loop runs over a lane's width, not the
+    whole packed row, and no document is padded (zero padding at a lane's end is inert)."""
     if q.shape[0] != 1:
         raise ValueError(f"packed rows need batch size 1 with cu_seqlens, got {q.shape[0]}")
-    index, total, starts = _chunk_aligned_layout(cu_seqlens, C)
+    index, lanes, width, starts = _lanes(cu_seqlens, C)
     out_dtype = v.dtype
-    q, k, v, g, beta = (t.new_zeros(1, total, *t.shape[2:]).index_copy(1, index, t) for t in (q, k, v, g, beta))
-    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
-    N, H, K, V = len(cu_seqlens) - 1, k.shape[1], k.shape[-1], v.shape[-1]
-    state = k.new_zeros(N, H, K, V) if initial_state is None else initial_state.float()
-    o, state = _chunk_core(q, k, v, g, beta, state, C, doc_starts=starts)
-    o = o.transpose(1, 2).index_select(1, index)
-    return o.to(out_dtype), (state if output_final_state else None)
+
+    def to_lanes(t):
+        if index is not None:
+            t = t.new_zeros(1, lanes * width, *t.shape[2:]).index_copy(1, index, t)
+        return t.reshape(lanes, width, *t.shape[2:])
+
+    q, k, v, g, beta = _prepare(*(to_lanes(t) for t in (q, k, v, g, beta)), scale, use_qk_l2norm)
+    state = k.new_zeros(lanes, k.shape[1], k.shape[-1], v.shape[-1])
+    o, _ = _chunk_core(q, k, v, g, beta, state, C, starts=starts)
+    o = o.transpose(1, 2).flatten(0, 1).unsqueeze(0)  # [1, lanes * width, H, V]
+    if index is not None:
+        o = o.index_select(1, index)
+    return o.to(out_dtype), None
 
 
 def naive_chunk_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_size: int = 64,
 ):
-    """Chunked reference for training and prefill. Returns ``(o, final_state or None)``."""
-    if cu_seqlens is not None:
-        return _packed_chunk(q, k, v, g, beta, scale, initial_state, output_final_state,
-                             use_qk_l2norm_in_kernel, cu_seqlens, chunk_size)
+    """Chunked reference for training and prefill. Returns ``(o, final_state or None)``. Packed rows
+    (``cu_seqlens``) with states (a state per document in or out) pad every document to the longest."""
+    if cu_seqlens is not None and initial_state is None and not output_final_state:
+        return _packed_chunk(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel, cu_seqlens, chunk_size)
     T = q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     pad = (-T) % chunk_size
 
