@@ -154,20 +154,32 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def _lanes(cu_seqlens: torch.Tensor, chunk_size: int):
-    """Packed documents laid side by side in lanes: consecutive documents fill a lane as long as
-    they fit in the longest document (rounded up to whole chunks), so rows packed by the data
-    loader come back as those rows. Returns the lane position of every token (None where that is
-    every position in order), the lane count and width, and the document start flags ``[lanes, width]``."""
-    lengths = [n for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if n > 0]
-    width = -(-max(lengths) // chunk_size) * chunk_size
+def _fill_lanes(lengths: list[int], width: int) -> list[int]:
+    """Lane offsets of consecutive documents, each lane taking documents while they fit in ``width``."""
     offsets, lane_start, used = [], 0, 0
     for n in lengths:
         if used + n > width:
             lane_start, used = lane_start + width, 0
         offsets.append(lane_start + used)
         used += n
-    lanes = lane_start // width + 1
+    return offsets
+
+
+def _lanes(cu_seqlens: torch.Tensor, chunk_size: int):
+    """Packed documents laid side by side in lanes of consecutive documents. The width is the whole
+    chunks, from the longest document's to twice that, that leave the least padding (the first of
+    those), so rows packed by the data loader come back as those rows. Returns the lane position of
+    every token (None where that is every position in order), the lane count and width, and the
+    document start flags ``[lanes, width]``."""
+    lengths = [n for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if n > 0]
+    shortest = -(-max(lengths) // chunk_size) * chunk_size
+
+    def size(width):  # lanes * width
+        return (_fill_lanes(lengths, width)[-1] // width + 1) * width
+
+    width = min(range(shortest, 2 * shortest + 1, chunk_size), key=size)
+    offsets = _fill_lanes(lengths, width)
+    lanes = offsets[-1] // width + 1
     device = cu_seqlens.device
     starts = torch.zeros(lanes * width, dtype=torch.bool, device=device)
     starts[torch.tensor(offsets, device=device)] = True
