@@ -18,8 +18,10 @@ def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
     of the project (distillation, selection scoring, evaluation). Takes logits, or log-probabilities
     with ``log_probs`` (a caller that also needs them for next-token loss computes them once)."""
     if not log_probs:
-        student = F.log_softmax(student.float() / temperature, dim=-1)
-        teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+        if temperature != 1.0:  # x / 1.0 is x: a pass over [N, V] saved for each
+            student, teacher = student.float() / temperature, teacher.float() / temperature
+        student = F.log_softmax(student.float(), dim=-1)
+        teacher = F.log_softmax(teacher.float(), dim=-1)
     return (teacher.exp() * (teacher - student)).sum()
 
 
