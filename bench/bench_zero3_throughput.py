@@ -33,8 +33,9 @@ matmuls only, 2 per multiply-add, as actually computed:
   - align ``layerwise`` detaches each GDN input and its target is the no-grad attention output, so
     its backward is the GDN layers alone: weight gradients, o_proj's input gradient, the kernel;
     its forward is every layer's attention (kept teacher attention included), MLP and GDN, no head;
-  - the distill teacher counts its forward (stack and LM head); activation-checkpointing
-    recomputation, elementwise work and the optimizer are not counted.
+  - the distill teacher counts its forward (stack and LM head; the per-layer stream, which runs the
+    layers below the first converted one once for both streams, from that layer up); activation
+    checkpointing recomputation, elementwise work and the optimizer are not counted.
 Scaling efficiency (``--report``) = tokens/s per GPU at N GPUs / tokens/s per GPU at 1 GPU (or at the
 fewest GPUs among the merged runs, e.g. 4 for the 32B shape).
 
@@ -62,9 +63,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import align_flops, lm_flops, numel, stack_flops  # noqa: E402
 
 ARMS = ("align", "distill", "distill_shared", "distill_shared_whole", "baseline")
-GDN_CHUNK = 64  # fla's chunk size, used by the kernel FLOP count
 GOALS = {"distill_mfu_at_8k": 0.40, "scaling_1_to_4": 0.85}
 # Qwen3 shapes (config.json of Qwen/Qwen3-8B and -32B; tiny = the embedded teacher in assets/).
 SHAPES = {
@@ -77,69 +80,6 @@ SHAPES = {
 }
 DEFAULT_LAYERS = {"tiny": 8, "8b": 8, "32b": 64}
 _T0 = time.perf_counter()
-
-
-# --------------------------------------------------------------------------- FLOPs per token
-
-def _numel(p: torch.nn.Parameter) -> int:
-    return getattr(p, "ds_numel", p.numel())  # whole size, also of a ZeRO-3 shard
-
-
-def linear_params(module, skip: tuple[str, ...] = ()) -> int:
-    """nn.Linear weights under ``module``, leaving out submodules named in ``skip``."""
-    return sum(_numel(m.weight) for name, m in module.named_modules()
-               if isinstance(m, torch.nn.Linear) and not set(name.split(".")) & set(skip))
-
-
-def trainable_linear_params(model) -> int:
-    return sum(_numel(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
-
-
-def attn_core(cfg, T: int) -> float:
-    return 2.0 * cfg.num_attention_heads * cfg.head_dim * T
-
-
-def gdn_core(cfg) -> float:
-    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    return cfg.linear_num_query_heads * (6.0 * dk * dv + GDN_CHUNK * (6.0 * dk + 4.0 * dv))
-
-
-def layer_cost(layer, cfg, T: int, path: str) -> tuple[int, float]:
-    """(linear params, core forward FLOPs) of a decoder layer on ``path``: ``student`` runs its own
-    mixer, ``teacher`` its attention (kept attention in converted layers)."""
-    if getattr(layer, "is_linear", False) and path == "student":
-        return linear_params(layer, skip=("self_attn",)), gdn_core(cfg)
-    return linear_params(layer, skip=("linear_attn",)), attn_core(cfg, T)
-
-
-def stack_flops(model, T: int, path: str) -> tuple[float, float]:
-    """Forward FLOPs of the decoder stack, and its input-gradient FLOPs from the first layer
-    holding a trainable parameter upward."""
-    costs = [layer_cost(layer, model.config, T, path) for layer in model.model.layers]
-    trains = [any(p.requires_grad for p in layer.parameters()) for layer in model.model.layers]
-    first = trains.index(True) if True in trains else len(costs)
-    forward = sum(2 * p + c for p, c in costs)
-    return forward, sum(2 * p + 2 * c for p, c in costs[first:])
-
-
-def align_flops(model, T: int, loss: str) -> dict:
-    if loss == "pre_lm_head":
-        teacher, _ = stack_flops(model, T, "teacher")
-        student, input_grads = stack_flops(model, T, "student")
-        return {"forward": teacher + student, "backward": input_grads + 2 * trainable_linear_params(model)}
-    cfg, layers = model.config, model.model.layers
-    forward = 2 * linear_params(model.model) + len(layers) * attn_core(cfg, T)
-    forward += sum(gdn_core(cfg) for layer in layers if layer.is_linear)
-    backward = 2 * trainable_linear_params(model) + sum(
-        2 * _numel(layer.linear_attn.o_proj.weight) + 2 * gdn_core(cfg) for layer in layers if layer.is_linear)
-    return {"forward": forward, "backward": backward}
-
-
-def lm_flops(model, T: int) -> dict:
-    """A causal LM trained end to end: stack, head, input gradients and trainable weight gradients."""
-    forward, input_grads = stack_flops(model, T, "student")
-    head = 2 * _numel(model.lm_head.weight)
-    return {"forward": forward + head, "backward": input_grads + head + 2 * trainable_linear_params(model)}
 
 
 # --------------------------------------------------------------------------- models and arms
@@ -199,7 +139,7 @@ def arm_distill(args, run) -> dict:
     params = select_trainable(student, args.distill_trainable)
     flops = lm_flops(student, args.seq_len)
     teacher_forward, _ = stack_flops(teacher, args.seq_len, "teacher")
-    flops["teacher_forward"] = teacher_forward + 2 * _numel(teacher.lm_head.weight)
+    flops["teacher_forward"] = teacher_forward + 2 * numel(teacher.lm_head.weight)
     return {"model": student, "params": params, "flops": flops, "teacher": teacher,
             "loss_fn": distill_loss_fn(run["ctx"], run["stage"], student, teacher)}
 
@@ -211,8 +151,9 @@ def arm_distill_shared(args, run, stream: str = "per_layer") -> dict:
     model = build("align", args, run)  # the hybrid keeping the converted layers' attention
     params = select_trainable(model, "gdn")
     flops = lm_flops(model, args.seq_len)
-    teacher_forward, _ = stack_flops(model, args.seq_len, "teacher")
-    flops["teacher_forward"] = teacher_forward + 2 * _numel(model.lm_head.weight)
+    # per_layer runs the layers below the first converted one once for both streams
+    teacher_forward, _ = stack_flops(model, args.seq_len, "teacher", from_first_linear=stream == "per_layer")
+    flops["teacher_forward"] = teacher_forward + 2 * numel(model.lm_head.weight)
     return {"model": model, "params": params, "flops": flops,
             "loss_fn": shared_loss_fn(run["ctx"], dataclasses.replace(run["stage"], teacher_stream=stream), model)}
 
@@ -293,8 +234,8 @@ def time_arm(arm: str, args, run) -> dict:
                        run["stage"].steps, 1, [timer], device, data_parallel_size=env.world_size)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {"seconds": timer.seconds[args.warmup:], "peak_gib": peak, "loss": state.loss,
-              "flops": setup["flops"], "trainable_params": sum(_numel(p) for _, p in setup["params"]),
-              "params": sum(_numel(p) for p in model.parameters())}
+              "flops": setup["flops"], "trainable_params": sum(numel(p) for _, p in setup["params"]),
+              "params": sum(numel(p) for p in model.parameters())}
     engine.engine.destroy()
     release_modules([model, setup.get("teacher")])
     del engine, setup, model, state
