@@ -18,10 +18,11 @@ def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
     of the project (distillation, selection scoring, evaluation). Takes logits, or log-probabilities
     with ``log_probs`` (a caller that also needs them for next-token loss computes them once)."""
     if not log_probs:
+        student, teacher = student.float(), teacher.float()
         if temperature != 1.0:  # x / 1.0 is x: a pass over [N, V] saved for each
-            student, teacher = student.float() / temperature, teacher.float() / temperature
-        student = F.log_softmax(student.float(), dim=-1)
-        teacher = F.log_softmax(teacher.float(), dim=-1)
+            student, teacher = student / temperature, teacher / temperature
+        student = F.log_softmax(student, dim=-1)
+        teacher = F.log_softmax(teacher, dim=-1)
     return (teacher.exp() * (teacher - student)).sum()
 
 

@@ -95,10 +95,10 @@ class HQwen3DecoderLayer(nn.Module):
         B, T, D = x.shape
         return self.linear_attn(x.reshape(1, B * T, D), cu_seqlens=cu_seqlens).reshape(B, T, D)
 
-    def _mix(self, x, masks, position_embeddings, past_key_values, cu_seqlens, **kwargs):
-        if not self.is_linear or (self.mixer_mode == "teacher"):
+    def _mix(self, x, mode, masks, position_embeddings, past_key_values, cu_seqlens, **kwargs):
+        if not self.is_linear or mode == "teacher":
             return self._attention(x, masks, position_embeddings, past_key_values, **kwargs)
-        if self.mixer_mode == "student":
+        if mode == "student":
             return self._gdn(x, masks, cu_seqlens, past_key_values)
         # align: GDN learns to reproduce the attention output on the teacher's stream.
         with torch.no_grad():
@@ -115,50 +115,42 @@ class HQwen3DecoderLayer(nn.Module):
         # recompute nothing useful: align checkpoints its GDN branch alone (``_mix``), and a stream
         # under no_grad (distill's shared teacher) runs plainly. The checkpoint wraps ``__call__``, so
         # the recomputation runs this module's hooks again (ZeRO-3 gathers in the backward).
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if not checkpointed or self.mixer_mode == "align":
+        if not self._checkpoints() or self.mixer_mode == "align":
             return super().__call__(hidden_states, *args, **kwargs)
         if kwargs.get("past_key_values") is not None:
             raise ValueError("a checkpointed layer runs without a decoding cache")
         return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), hidden_states, *args)
 
-    def _stream(self, hidden_states, mode, masks, position_embeddings, cu_seqlens, **kwargs):
-        """One training stream through the layer: ``teacher`` mixes with attention, ``student`` with
-        the layer's own mixer (GDN in converted layers)."""
-        residual = hidden_states
-        x = self.input_layernorm(hidden_states)
-        if self.is_linear and mode == "student":
-            x = self._gdn(x, masks, cu_seqlens, None)
-        else:
-            x = self._attention(x, masks, position_embeddings, None, **kwargs)
-        hidden_states = residual + x
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    def _checkpoints(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def forward_dual(self, student_states, teacher_states, masks, position_embeddings, cu_seqlens=None, **kwargs):
         """Both streams through this layer back to back, so each submodule's weights serve the two
         while gathered: the teacher's (no grad, keeps nothing for the backward) then the student's,
         which alone is checkpointed when checkpointing is on. Called directly, not through
-        ``__call__``: the layer holds no parameters of its own (its submodules' ZeRO-3 hooks gather
-        them), and transformers' checkpointing wrapper of ``forward`` would recompute both streams.
+        ``__call__`` (which would checkpoint the call as a whole): the layer holds no parameters of its
+        own, its submodules' ZeRO-3 hooks gather them.
         ``teacher_states=None``: the streams have not diverged yet (no converted layer below), so an
         attention layer runs once for both and keeps returning None; a converted layer splits them."""
         if teacher_states is None and self.is_linear:
             teacher_states = student_states.detach()
         if teacher_states is not None:
             with torch.no_grad():
-                teacher_states = self._stream(teacher_states, "teacher", masks, position_embeddings, cu_seqlens,
-                                              **kwargs)
-        student = partial(self._stream, mode="student", masks=masks, position_embeddings=position_embeddings,
-                          cu_seqlens=cu_seqlens, **kwargs)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                teacher_states = self.forward(teacher_states, masks, position_embeddings, cu_seqlens=cu_seqlens,
+                                              mixer_mode="teacher", **kwargs)
+        student = partial(self.forward, masks=masks, position_embeddings=position_embeddings, cu_seqlens=cu_seqlens,
+                          mixer_mode="student", **kwargs)
+        if self._checkpoints():
             return self._gradient_checkpointing_func(student, student_states), teacher_states
         return student(student_states), teacher_states
 
-    def forward(self, hidden_states, masks, position_embeddings, past_key_values=None, cu_seqlens=None, **kwargs):
+    def forward(self, hidden_states, masks, position_embeddings, past_key_values=None, cu_seqlens=None,
+                mixer_mode: str | None = None, **kwargs):
+        """``mixer_mode``: this call's mixer (``forward_dual``'s two streams), else the layer's."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states = residual + self._mix(hidden_states, masks, position_embeddings, past_key_values,
-                                             cu_seqlens, **kwargs)
+        hidden_states = residual + self._mix(hidden_states, mixer_mode or self.mixer_mode, masks,
+                                             position_embeddings, past_key_values, cu_seqlens, **kwargs)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states
