@@ -178,6 +178,8 @@ def test_ratio_outside_open_interval(ratio):
     ("align.loss=kl", ["align.loss='kl'", "layerwise, pre_lm_head"]),
     ("distill.trainable=lora", ["'lora'", "gdn+norms"]),
     ("distill.teacher=bigger", ["distill.teacher='bigger'", "auto, shared, separate"]),
+    ("distill.teacher_stream=both", ["distill.teacher_stream='both'", "per_layer, whole"]),
+    ("deepspeed.max_reuse_distance=-1", ["deepspeed.max_reuse_distance=-1 must be an integer >= 0"]),
     ("distill.trainable=gdn+norms distill.teacher=shared", ["distill.teacher=shared needs distill.trainable=gdn"]),
     ("distill.trainable=gdn+norms distill.teacher=auto", None),
     ("align.optim.schedule=linear", ["'linear'", "cosine, constant"]),
